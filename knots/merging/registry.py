@@ -1,0 +1,82 @@
+"""The registry of merge methods: name -> function, task-vector space and paper reference.
+
+Adding a method is one function registered here plus one ``conf/method/<name>.yaml`` with its
+default hyperparameters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from knots.errors import ConfigError
+from knots.merging.family import Hyperparameters
+from knots.merging.vectors import TaskVectors
+
+Space = Literal["dense", "knots", "knots_row"]
+MergeFunction = Callable[[TaskVectors, Hyperparameters, bool], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method. ``space``: full updates, KnOTS column blocks or KnOTS row blocks."""
+
+    name: str
+    function: MergeFunction
+    space: Space
+    reference: str
+    uses: tuple[str, ...]
+
+    @property
+    def summary(self) -> str:
+        return (self.function.__doc__ or "").strip().splitlines()[0]
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(name: str, space: Space, reference: str, uses: tuple[str, ...] = ("scaling",)) -> Callable[[MergeFunction], MergeFunction]:
+    """Register ``function`` as method ``name``; ``uses`` names the hyperparameters it reads."""
+
+    def decorator(function: MergeFunction) -> MergeFunction:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        METHODS[name] = MergeMethod(name=name, function=function, space=space, reference=reference, uses=uses)
+        return function
+
+    return decorator
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; an unknown name lists the known ones."""
+    import knots.merging.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown merge method {name!r}; known methods: {', '.join(method_names())}") from None
+
+
+def config_dir() -> Path:
+    """The project's ``conf/`` directory (``KNOTS_CONFIG_DIR`` overrides it)."""
+    override = os.environ.get("KNOTS_CONFIG_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "conf"
+
+
+def load_method_config(name: str) -> dict[str, object]:
+    """The default hyperparameters of ``name`` from ``conf/method/<name>.yaml``."""
+    from omegaconf import OmegaConf
+
+    get_method(name)
+    path = config_dir() / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"merge method {name!r} has no config file {path}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
