@@ -1,0 +1,99 @@
+"""Hugging Face transformers CLIP -> open_clip: module names, vision weights and LoRA adapters.
+
+The released KnOTS adapters were trained with PEFT on transformers' CLIP; their modules are
+``vision_model.encoder.layers.{i}.self_attn.{q,k,v,out}_proj``. With separated attention the open_clip
+image encoder has exactly these four linear maps per block (``visual.transformer.resblocks.{i}.attn.*``),
+and transformers' CLIP and open_clip compute the same function from the same OpenAI weights, so
+a LoRA update ``dW`` carries over unchanged: only the module path is renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from knots.errors import AdapterError
+from knots.lora import load_adapter
+
+_HF_ATTN = re.compile(r"(?:^|\.)vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+_HF_TEXT = re.compile(r"(?:^|\.)text_model\.")
+#: open_clip module path (relative to :class:`~knots.vision.clip.ClipImageEncoder`) of block ``i``'s projection.
+OPEN_CLIP_ATTN = "visual.transformer.resblocks.{layer}.attn.{proj}"
+
+
+def open_clip_module(hf_module: str) -> str | None:
+    """Map an HF vision attention projection path to the open_clip encoder path; ``None`` if not one."""
+    match = _HF_ATTN.search(hf_module)
+    if match is None:
+        return None
+    return OPEN_CLIP_ATTN.format(layer=match[1], proj=match[2])
+
+
+def convert_released_adapter(src: str | Path, dst: str | Path) -> Path:
+    """Rewrite a PEFT adapter trained on transformers' CLIP as one for the open_clip image encoder.
+
+    Text-tower LoRA modules are accepted only if their update is exactly zero (trained with a frozen,
+    precomputed text head, their ``B`` never moves). Any other module is an error. The result is a
+    PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``) with the same ``r``,
+    ``lora_alpha`` and factors, readable by ``knots.lora.load_adapter`` and ``PeftModel.from_pretrained``.
+    """
+    from safetensors.torch import save_file
+
+    adapter = load_adapter(src)
+    weights: dict[str, torch.Tensor] = {}
+    for hf_name, module in adapter.modules.items():
+        target = open_clip_module(hf_name)
+        if target is None:
+            if _HF_TEXT.search(hf_name) and not module.B.any():
+                continue
+            raise AdapterError(f"{src}: module {hf_name!r} is not a vision attention projection of transformers' CLIP")
+        if module.fan_in_fan_out:
+            raise AdapterError(f"{src}: fan_in_fan_out adapters cannot be mapped onto open_clip")
+        weights[f"base_model.model.{target}.lora_A.weight"] = module.A.contiguous()
+        weights[f"base_model.model.{target}.lora_B.weight"] = module.B.contiguous()
+    if not weights:
+        raise AdapterError(f"{src}: no vision attention LoRA modules found")
+    config = {k: v for k, v in adapter.config.items() if k not in ("target_modules", "base_model_name_or_path",
+                                                                   "modules_to_save", "layers_to_transform")}
+    config.update(peft_type="LORA", target_modules=sorted({name.rsplit(".", 1)[-1] for name in adapter.modules
+                                                           if open_clip_module(name)}),
+                  base_model_name_or_path=None, task_type=None)
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "adapter_model.safetensors.tmp"
+    save_file(weights, str(tmp))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+    (out / "converted_from.json").write_text(json.dumps({"path": str(src), "base_model": adapter.base_model}))
+    tmp.replace(out / "adapter_model.safetensors")
+    return out
+
+
+def open_clip_visual_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPVisionModelWithProjection`` (or ``CLIPModel``) weights -> open_clip ``visual``
+    weights with separated attention (keys relative to ``visual``)."""
+    rules = [
+        (r"vision_model\.embeddings\.class_embedding", "class_embedding"),
+        (r"vision_model\.embeddings\.patch_embedding\.weight", "conv1.weight"),
+        (r"vision_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
+        (r"vision_model\.pre_layrnorm\.(weight|bias)", r"ln_pre.\1"),
+        (r"vision_model\.post_layernorm\.(weight|bias)", r"ln_post.\1"),
+        (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(\w+_proj)\.(weight|bias)",
+         r"transformer.resblocks.\1.attn.\2.\3"),
+        (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"transformer.resblocks.\1.ln_1.\2"),
+        (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"transformer.resblocks.\1.ln_2.\2"),
+        (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
+        (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        if key == "visual_projection.weight":
+            out["proj"] = value.T.contiguous()
+            continue
+        for pattern, replacement in rules:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, replacement, key)] = value
+                break
+    return out
