@@ -1,0 +1,110 @@
+"""Readers that turn a task's data source into rows ``(input, raw_label)``.
+
+A reader returns either one pool of rows or a dict of named source splits. Readers never download:
+``hf`` datasets come from a local directory or the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from knots.errors import ConfigError
+
+Row = tuple[Any, Any]
+Rows = list[Row] | dict[str, list[Row]]
+
+
+def _require_file(path: str, task: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"task {task}: data file not found: {p}")
+    return p
+
+
+def _frame_rows(frame: Any, cfg: Any, task: str) -> list[Row]:
+    for col in (cfg.input_column, cfg.label_column):
+        if col not in frame.columns:
+            raise ConfigError(f"task {task}: column {col!r} not in {cfg.path} (columns: {', '.join(map(str, frame.columns))})")
+    frame = frame[[cfg.input_column, cfg.label_column]].dropna()
+    return list(zip(frame[cfg.input_column].tolist(), frame[cfg.label_column].tolist()))
+
+
+def read_csv(cfg: Any, task: str) -> Rows:
+    import pandas as pd
+
+    return _frame_rows(pd.read_csv(_require_file(cfg.path, task), **cfg.read_options), cfg, task)
+
+
+def read_json(cfg: Any, task: str) -> Rows:
+    import pandas as pd
+
+    path = _require_file(cfg.path, task)
+    options = {"lines": path.suffix == ".jsonl", **cfg.read_options}
+    return _frame_rows(pd.read_json(path, **options), cfg, task)
+
+
+def read_lines(cfg: Any, task: str) -> Rows:
+    pattern = re.compile(cfg.pattern)
+    if not {"input", "label"} <= set(pattern.groupindex):
+        raise ConfigError(f"task {task}: pattern needs named groups 'input' and 'label'")
+    encoding = cfg.read_options.get("encoding", "utf-8")
+    rows = []
+    with open(_require_file(cfg.path, task), encoding=encoding, errors="replace") as f:
+        for line in f:
+            m = pattern.match(line.rstrip("\n"))
+            if m:
+                rows.append((m["input"], m["label"]))
+    return rows
+
+
+def read_hf(cfg: Any, task: str) -> Rows:
+    import datasets
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    path = Path(cfg.path).expanduser()
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(cfg.path, **cfg.read_options)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        raise ConfigError(f"task {task}: cannot load dataset {cfg.path!r} offline ({str(e).splitlines()[0]})") from None
+    if isinstance(data, datasets.Dataset):
+        return _dataset_rows(data, cfg, task)
+    return {name: _dataset_rows(split, cfg, task) for name, split in data.items()}
+
+
+def _dataset_rows(data: Any, cfg: Any, task: str) -> list[Row]:
+    for col in (cfg.input_column, cfg.label_column):
+        if col not in data.column_names:
+            raise ConfigError(f"task {task}: column {col!r} not in dataset {cfg.path} (columns: {', '.join(data.column_names)})")
+    return list(zip(data[cfg.input_column], data[cfg.label_column]))
+
+
+def read_callable(cfg: Any, task: str) -> Rows:
+    module, _, attr = cfg.path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"task {task}: cannot import loader {cfg.path!r}") from None
+    return fn(**cfg.read_options)
+
+
+READERS: dict[str, Callable[[Any, str], Rows]] = {
+    "csv": read_csv,
+    "json": read_json,
+    "lines": read_lines,
+    "hf": read_hf,
+    "callable": read_callable,
+}
+
+
+def check_source(cfg: Any, task: str) -> None:
+    """Fail early (before any training) when a file-based source's file is missing."""
+    if cfg.source in ("csv", "json", "lines"):
+        _require_file(cfg.path, task)

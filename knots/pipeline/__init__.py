@@ -1,0 +1,1 @@
+"""The ``knots-run`` pipeline: finetune, merge, search, evaluate, report."""

@@ -1,0 +1,63 @@
+"""results.json and results.md: the run's numbers (percent) as data and as tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from knots.pipeline.io import write_json, write_text
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def method_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Per-task test table: accuracy and normalized accuracy per task, then the averages."""
+    tasks = list(results["finetuned"])
+    header = ["method", *tasks, "avg acc", "avg norm acc", "joint hits@1", "joint hits@3", "joint hits@5"]
+    rows = [["finetuned (own task)", *[results["finetuned"][t]["test_accuracy"] for t in tasks],
+             sum(results["finetuned"][t]["test_accuracy"] for t in tasks) / len(tasks), 100.0, "", "", ""]]
+    for name, m in results["methods"].items():
+        cells = [f"{m['per_task'][t]['accuracy']:.1f} ({m['per_task'][t]['normalized_accuracy']:.1f})" for t in tasks]
+        rows.append([name, *cells, m["avg_accuracy"], m["avg_normalized_accuracy"],
+                     m["joint"]["hits@1"], m["joint"]["hits@3"], m["joint"]["hits@5"]])
+    return header, rows
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    tasks = list(results["finetuned"])
+    parts = [f"# Results: {meta.get('benchmark', '')} / {meta.get('model', '')}", ""]
+    parts.append("Test accuracy (normalized accuracy in parentheses), percent; hyperparameters selected on "
+                 f"validation by {meta.get('selection_metric', '?')}.")
+    parts.append("")
+    header, rows = method_rows(results)
+    parts += [md_table(header, rows), ""]
+    parts.append("## Hyperparameters and validation scores")
+    parts.append("")
+    parts.append(md_table(["method", "hyperparameters", "validation score"],
+                          [[n, _fmt_params(m["hyperparameters"]), m.get("val_score", "")] for n, m in results["methods"].items()]))
+    parts += ["", f"## Joint task (one label space of {meta.get('joint_labels', '?')} labels): Hits@1/3/5 per task", ""]
+    jrows = []
+    for name, m in results["methods"].items():
+        pt = m["joint"]["per_task"]
+        jrows.append([name, *[f"{pt[t]['hits@1']:.1f}/{pt[t]['hits@3']:.1f}/{pt[t]['hits@5']:.1f}" for t in tasks]])
+    parts += [md_table(["method", *tasks], jrows), ""]
+    parts += ["## Finetuned models", ""]
+    parts.append(md_table(["task", "validation accuracy", "test accuracy"],
+                          [[t, v["val_accuracy"], v["test_accuracy"]] for t, v in results["finetuned"].items()]))
+    return "\n".join(parts) + "\n"
+
+
+def write_results(output_dir: Path, results: dict[str, Any]) -> None:
+    write_json(output_dir / "results.json", results)
+    write_text(output_dir / "results.md", to_markdown(results))
