@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from knots import __version__
-from knots.cli.common import fail, full_errors, one_line_errors
+from knots.cli.common import check_composition, fail, full_errors, one_line_errors
 from knots.errors import ConfigError, KnotsError
 from knots.lora import load_adapter
 from knots.merging import Hyperparameters, Ingredients, MergeSession, get_method, method_names
@@ -89,10 +89,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import peft
-    import safetensors
+    from importlib.metadata import version
 
-    return {"knots": __version__, "torch": torch.__version__, "peft": peft.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+    return {"knots": __version__, "torch": torch.__version__, "peft": version("peft"), "safetensors": version("safetensors"), "python": platform.python_version()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -205,6 +204,7 @@ def check_method_override(argv: list[str]) -> None:
 def main() -> None:
     try:
         check_method_override(sys.argv[1:])
+        check_composition(PROGRAM, str(config_dir()), "merge", sys.argv[1:])
         hydra_main()
     except KnotsError as error:
         if full_errors():
