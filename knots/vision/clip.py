@@ -20,6 +20,7 @@ from torch import nn
 from knots.errors import ConfigError
 from knots.models.base import Backbone
 from knots.vision.attention import PROJECTIONS, separate_attention
+from knots.vision.datasets import LazyImage
 
 #: PEFT ``target_modules``: the four attention projections of every image-encoder block.
 LORA_TARGETS = list(PROJECTIONS)
@@ -57,8 +58,8 @@ class ClipBackbone(Backbone):
 
     Args:
         name: identifier for cache keys and reports.
-        arch: open_clip architecture name (``ViT-B-32``, ``ViT-L-14``) for pretrained weights.
-        pretrained: open_clip pretrained tag (``openai``) or checkpoint path; ``None`` for random weights.
+        path: open_clip pretrained tag (``openai``) or checkpoint file; ``random`` for random weights.
+        arch: open_clip architecture name (``ViT-B-32``, ``ViT-L-14``).
         cache_dir: where open_clip keeps downloaded weights.
         model_config: an open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``,
             ``quick_gelu``) for a custom model; used instead of ``arch`` when given.
@@ -70,8 +71,8 @@ class ClipBackbone(Backbone):
     def __init__(
         self,
         name: str,
+        path: str | None = "openai",
         arch: str | None = None,
-        pretrained: str | None = "openai",
         cache_dir: str | None = None,
         model_config: Mapping[str, Any] | None = None,
         seed: int = 0,
@@ -81,6 +82,7 @@ class ClipBackbone(Backbone):
         self.name = name
         self.text_batch_size = text_batch_size
         self.lora_target_modules = list(lora_target_modules)
+        pretrained = None if path in (None, "", "random") else path
         model, preprocess, tokenizer = load_clip(arch, pretrained, cache_dir, model_config, seed)
         cfg = model.visual.preprocess_cfg
         replaced = separate_attention(model.visual)
@@ -103,8 +105,15 @@ class ClipBackbone(Backbone):
         return self.transform(image)
 
     def collate(self, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Stack preprocessed ``uint8`` tensors; PIL images are preprocessed on the way."""
-        return {"pixels": torch.stack([x if torch.is_tensor(x) else self.preprocess(x) for x in inputs])}
+        """Stack ``uint8 (3, H, W)`` tensors; PIL images and :class:`LazyImage` are preprocessed first."""
+        pixels = []
+        for x in inputs:
+            if not torch.is_tensor(x):
+                x = self.preprocess(x.load() if isinstance(x, LazyImage) else x)
+            if tuple(x.shape[-2:]) != self.image_size:
+                raise ConfigError(f"model {self.name}: got a {tuple(x.shape[-2:])} image tensor, expected {self.image_size}")
+            pixels.append(x)
+        return {"pixels": torch.stack(pixels)}
 
     @torch.no_grad()
     def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -140,6 +149,8 @@ def load_clip(arch: str | None, pretrained: str | None, cache_dir: str | None,
     import open_clip
 
     if model_config is not None:
+        if pretrained:
+            raise ConfigError("a custom model_config has random weights: set the model path to 'random'")
         cfg = copy.deepcopy(dict(model_config))
         torch.manual_seed(seed)
         try:

@@ -20,4 +20,4 @@ def tiny_config():
 def tiny_clip():
     from knots.vision.clip import ClipBackbone
 
-    return ClipBackbone(name="tiny-clip", model_config=TINY_CLIP, seed=0)
+    return ClipBackbone(name="tiny-clip", path="random", model_config=TINY_CLIP, seed=0)

@@ -90,8 +90,10 @@ def test_zero_shot_logits_are_100_times_cosine(tiny_clip):
 
 def test_bad_model_configs_raise_config_errors():
     with pytest.raises(ConfigError):
-        ClipBackbone(name="x", arch="ViT-NOPE-1", pretrained=None)
+        ClipBackbone(name="x", arch="ViT-NOPE-1", path="random")
     with pytest.raises(ConfigError):
-        ClipBackbone(name="x", model_config={"embed_dim": 8, "bogus": 1})
+        ClipBackbone(name="x", path="random", model_config={"embed_dim": 8, "bogus": 1})
     with pytest.raises(ConfigError):
         ClipBackbone(name="x", arch=None, model_config=None)
+    with pytest.raises(ConfigError, match="random"):
+        ClipBackbone(name="x", path="openai", model_config={"embed_dim": 8})
