@@ -1,0 +1,1 @@
+"""Vision: open_clip CLIP with separated attention, the paper's image tasks, released adapters."""
