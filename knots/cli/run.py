@@ -44,8 +44,32 @@ def _task(cfg: DictConfig) -> float | None:
     return best
 
 
+def check_group_choices(argv: list[str], config_dir: Path) -> str | None:
+    """The problem with a ``group=option`` override naming a config file that does not exist, if any.
+
+    Hydra would report it too, over several lines; this keeps bad input to one line.
+    """
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~")
+        if "/" in group or "." in group or not (config_dir / group).is_dir() or group == "hydra":
+            continue
+        for option in value.split(","):
+            option = option.strip()
+            if option and option != "null" and not (config_dir / group / f"{option}.yaml").is_file():
+                known = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+                return f"unknown {group} {option!r}; available: {', '.join(known)}"
+    return None
+
+
 def main() -> None:
     """Entry point of ``knots-run``."""
+    problem = check_group_choices(sys.argv[1:], Path(CONFIG_DIR))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     register_configs()
     hydra.main(config_path=CONFIG_DIR, config_name="run", version_base="1.3")(_task)()
 

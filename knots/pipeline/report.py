@@ -33,6 +33,15 @@ def method_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
+def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One numeric row per method (for trackers): averages, joint Hits@k, per-task normalized accuracy."""
+    tasks = list(results["finetuned"])
+    header = ["method", "avg_accuracy", "avg_normalized_accuracy", "hits@1", "hits@3", "hits@5", *[f"{t}/normalized_accuracy" for t in tasks]]
+    rows = [[name, m["avg_accuracy"], m["avg_normalized_accuracy"], m["joint"]["hits@1"], m["joint"]["hits@3"], m["joint"]["hits@5"],
+             *[m["per_task"][t]["normalized_accuracy"] for t in tasks]] for name, m in results["methods"].items()]
+    return header, rows
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     tasks = list(results["finetuned"])

@@ -30,7 +30,7 @@ from knots.pipeline.finetune import adapter_dir, cache_key, finetune
 from knots.pipeline.logger import NullLogger, make_logger
 from knots.pipeline.methods import method_defaults, pruning_parameter
 from knots.pipeline.regmean import input_grams, regmean_merge
-from knots.pipeline.report import method_rows, write_results
+from knots.pipeline.report import results_table, write_results
 from knots.pipeline.search import SearchResult, grid_search, linear_search
 
 log = logging.getLogger(__name__)
@@ -260,8 +260,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
             },
         }
         write_results(output_dir, results)
-        header, rows = method_rows(results)
-        logger.table("results", header, [[str(c) if not isinstance(c, float) else c for c in r] for r in rows])
+        logger.table("results", *results_table(results))
         exit_code = 0
         return results
     finally:
