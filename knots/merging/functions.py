@@ -38,7 +38,7 @@ def streaming_kth_smallest(
     chunks: Callable[[], Iterable[torch.Tensor]],
     k: torch.Tensor | list[int],
     total: int,
-    sample_size: int = 1 << 20,
+    sample_size: int = 1 << 16,
     margin: float = 4.0,
 ) -> torch.Tensor:
     """Exact k-th smallest (1-based) per row of the values yielded by ``chunks()``.
