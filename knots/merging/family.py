@@ -96,10 +96,12 @@ def merge_module(stack: torch.Tensor, hp: Hyperparameters, stages: Stages, thres
         return hp.scaling * F.combine(stack, hp.merge_func), 0.0, False
     sign = F.elect_sign(stack, hp.sign_vote)
     tied = sign == 0
-    has_ties = bool(tied.any()) and bool((tied & (stack != 0).any(dim=0)).any())
     if fallback_sign is not None:
         sign = torch.where(tied, fallback_sign.to(sign.dtype), sign)
-    return hp.scaling * F.disjoint_merge(stack, sign, hp.merge_func), float(sign.sum()), has_ties
+    total, count = F.agreeing_sum_and_count(stack, sign)
+    # A tied entry holding values has negatives among them (its values cancel), so count > 0 there.
+    has_ties = fallback_sign is None and bool((tied & (count > 0)).any())
+    return hp.scaling * F.finish_disjoint(total, count, hp.merge_func), float(sign.sum()), has_ties
 
 
 def merge_family(vectors: TaskVectors, hp: Hyperparameters, stages: Stages, progress: bool = False) -> dict[str, torch.Tensor]:

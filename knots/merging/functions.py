@@ -86,7 +86,7 @@ def streaming_kth_smallest(
 def trim(stack: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Zero every entry whose magnitude is below its task's threshold (one threshold per row)."""
     shape = (-1,) + (1,) * (stack.dim() - 1)
-    return stack * (stack.abs() >= thresholds.reshape(shape).to(stack.dtype))
+    return torch.where(stack.abs() >= thresholds.reshape(shape).to(stack.dtype), stack, 0.0)
 
 
 def seeded_generator(seed: int, *keys: object) -> torch.Generator:
@@ -112,15 +112,27 @@ def elect_sign(stack: torch.Tensor, vote: SignVote = "mass") -> torch.Tensor:
     raise ValueError(f"unknown sign vote {vote!r}; expected 'mass' or 'count'")
 
 
+def agreeing_sum_and_count(stack: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and number of the entries that agree with the elected sign.
+
+    As in the TIES reference, an entry whose sign is 0 selects the negative values.
+    """
+    direction = torch.where(sign == 0, -1.0, sign).to(stack.dtype)
+    agrees = (stack * direction) > 0
+    return (stack * agrees).sum(dim=0), agrees.sum(dim=0)
+
+
 def disjoint_merge(stack: torch.Tensor, sign: torch.Tensor, merge_func: MergeFunc = "mean") -> torch.Tensor:
     """Combine only the entries that agree with the elected sign: their mean or their sum."""
-    agrees = torch.where(sign > 0, stack > 0, stack < 0)
-    selected = stack * agrees
-    total = selected.sum(dim=0)
+    total, count = agreeing_sum_and_count(stack, sign)
+    return finish_disjoint(total, count, merge_func)
+
+
+def finish_disjoint(total: torch.Tensor, count: torch.Tensor, merge_func: MergeFunc) -> torch.Tensor:
     if merge_func == "sum":
         return total
     if merge_func == "mean":
-        return total / agrees.sum(dim=0).clamp(min=1).to(stack.dtype)
+        return total / count.clamp(min=1).to(total.dtype)
     raise ValueError(f"unknown merge function {merge_func!r}; expected 'mean' or 'sum'")
 
 
