@@ -47,19 +47,24 @@ def _task(cfg: DictConfig) -> float | None:
 def check_group_choices(argv: list[str], config_dir: Path) -> str | None:
     """The problem with a ``group=option`` override naming a config file that does not exist, if any.
 
-    Hydra would report it too, over several lines; this keeps bad input to one line.
+    Hydra would report it too, over several lines; this keeps bad input to one line. Directories
+    added with ``hydra.searchpath=[file://...]`` are searched as well.
     """
+    dirs = [config_dir]
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):
+            dirs += [Path(p.strip()[len("file://"):]) for p in arg.split("=", 1)[1].strip("[]").split(",") if p.strip().startswith("file://")]
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         group = key.lstrip("+~")
-        if "/" in group or "." in group or not (config_dir / group).is_dir() or group == "hydra":
+        if "/" in group or "." in group or group == "hydra" or not any((d / group).is_dir() for d in dirs):
             continue
         for option in value.split(","):
             option = option.strip()
-            if option and option != "null" and not (config_dir / group / f"{option}.yaml").is_file():
-                known = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+            if option and option != "null" and not any((d / group / f"{option}.yaml").is_file() for d in dirs):
+                known = sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
                 return f"unknown {group} {option!r}; available: {', '.join(known)}"
     return None
 

@@ -267,6 +267,29 @@ class LoggerConfig:
 
 
 @dataclass
+class AdaptersConfig:
+    """Existing adapters to merge instead of finetuning (empty: finetune one per task).
+
+    ``paths`` maps task -> PEFT adapter directory. ``loader`` (``module:function``) is called as
+    ``loader(tasks=[...], cache_dir=paths.cache_dir, **options)`` and returns such a mapping.
+    """
+
+    loader: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(not (self.loader and self.paths), "adapters: give either a loader or paths, not both")
+        if self.loader:
+            module, _, attr = self.loader.partition(":")
+            _check(bool(module and attr), f"adapters.loader must look like 'module:function', got {self.loader!r}")
+
+    @property
+    def given(self) -> bool:
+        return bool(self.loader or self.paths)
+
+
+@dataclass
 class RunConfig:
     """Everything ``knots-run`` needs: model, task set, methods, finetuning, search, logging."""
 
@@ -278,6 +301,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     regmean: RegMeanConfig = field(default_factory=RegMeanConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     device: str = "cpu"
@@ -298,6 +322,8 @@ class RunConfig:
                 _check(0 < params["top_k"] <= 100, f"top_k must be a percent in (0, 100], got {params['top_k']}")
             if "p" in params:
                 _check(0 <= params["p"] < 1, f"p (DARE drop rate) must be in [0, 1), got {params['p']}")
+        for task in self.adapters.paths:
+            _check(task in self.benchmark.tasks, f"adapters.paths: unknown task {task!r}")
 
 
 def _pkg_dir(package: str) -> str:

@@ -15,6 +15,7 @@ from knots.config.schema import RunConfig
 from knots.data.build import build_task
 from knots.data.sources import check_source
 from knots.data.tasks import TaskData
+from knots.errors import ConfigError
 from knots.models import build_backbone
 from knots.models.base import Backbone
 from knots.pipeline.evaluate import (
@@ -68,11 +69,39 @@ class Experiment:
         self.timings: dict[str, float] = {}
 
     # -- stage 1 ---------------------------------------------------------------------------
+    def given_adapters(self) -> dict[str, Path]:
+        """Task -> adapter directory from ``adapters.paths`` or ``adapters.loader``."""
+        import importlib
+
+        spec = self.cfg.adapters
+        names = [t.name for t in self.tasks]
+        if spec.paths:
+            found = {k: Path(v) for k, v in spec.paths.items()}
+        else:
+            module, _, attr = spec.loader.partition(":")
+            try:
+                loader = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                raise ConfigError(f"adapters.loader: cannot import {spec.loader!r}") from None
+            found = {k: Path(v) for k, v in loader(tasks=names, cache_dir=self.cfg.paths.cache_dir, **spec.options).items()}
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise ConfigError(f"adapters: no adapter for task {missing[0]!r}")
+        return found
+
     def finetune_all(self) -> list[dict[str, Any]]:
         from knots.lora import load_adapter
 
         cfg = self.cfg
         infos, self.adapters = [], []
+        if cfg.adapters.given:
+            for name, path in self.given_adapters().items():
+                if name in {t.name for t in self.tasks}:
+                    infos.append({"task": name, "path": str(path), "reused": True, "resumed_from": 0})
+            order = {t.name: i for i, t in enumerate(self.tasks)}
+            infos.sort(key=lambda i: order[i["task"]])
+            self.adapters = [load_adapter(i["path"], name=i["task"]) for i in infos]
+            return infos
         for task in tqdm(self.tasks, desc="finetune", disable=not self.progress):
             key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], cfg.finetune, task)
             path = adapter_dir(cfg.paths.cache_dir, task.name, key)

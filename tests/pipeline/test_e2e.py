@@ -69,3 +69,13 @@ def test_cached_rerun_reuses_adapters(compose_run, tmp_path):
     assert [a["reused"] for a in again["meta"]["adapters"]] == [True] * 3
     assert first["finetuned"] == again["finetuned"]
     assert first["methods"]["ta"]["per_task"] == again["methods"]["ta"]["per_task"]
+
+
+def test_given_adapters_replace_finetuning(compose_run, tmp_path):
+    cfg = to_run_config(compose_run("logger=none", "methods=[ta]"))
+    first = run_experiment(cfg, tmp_path / "a")
+    paths = ",".join(f"{a['task']}:{a['path']}" for a in first["meta"]["adapters"])
+    given = to_run_config(compose_run("logger=none", "methods=[ta]", f"+adapters.paths={{{paths}}}", "finetune.steps=999"))
+    again = run_experiment(given, tmp_path / "b")
+    assert again["finetuned"] == first["finetuned"]
+    assert [a["path"] for a in again["meta"]["adapters"]] == [a["path"] for a in first["meta"]["adapters"]]

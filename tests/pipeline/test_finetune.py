@@ -1,0 +1,81 @@
+"""LoRA finetuning: reused from the cache when complete, resumed from its checkpoint when interrupted."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from knots.data.tasks import TaskData
+from knots.lora import load_adapter
+from knots.models.text import TextBackbone
+from knots.pipeline.finetune import batch_indices, finetune, is_complete
+from tests.pipeline.helpers import NEGATIVE, POSITIVE
+
+TARGETS = ["query", "key", "value", "attention.output.dense"]
+LORA = SimpleNamespace(r=4, alpha=8, dropout=0.1, target_modules=TARGETS, use_rslora=False)
+CFG = SimpleNamespace(steps=6, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, seed=0,
+                      checkpoint_every=2, log_every=1)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_env):
+    backbone = TextBackbone(str(tiny_env.parent / "bert"), "tiny", TARGETS, max_length=12)
+    train = [(f"it was {w} .", 1) for w in POSITIVE] + [(f"it was {w} .", 0) for w in NEGATIVE]
+    task = TaskData("mood", ["negative", "positive"], ["a {} text."], train=train, validation=train, test=train)
+    heads = backbone.class_embeddings(task.class_names, task.templates)
+    return backbone, task, heads
+
+
+def _factors(path):
+    return {k: (m.A, m.B) for k, m in load_adapter(path).modules.items()}
+
+
+def test_batches_are_a_function_of_the_step():
+    assert batch_indices(10, 4, 3, seed=1) == batch_indices(10, 4, 3, seed=1)
+    epoch = [i for s in range(5) for i in batch_indices(10, 2, s, seed=1)]
+    assert sorted(epoch) == list(range(10))
+
+
+def test_complete_adapter_is_reused_not_retrained(setup, tmp_path):
+    backbone, task, heads = setup
+    info = finetune(backbone, task, heads, LORA, CFG, tmp_path / "a", progress=False)
+    assert not info["reused"] and is_complete(tmp_path / "a")
+    assert not (tmp_path / "a.partial").exists()
+    before = _factors(tmp_path / "a")
+    assert any(b.abs().sum() > 0 for _, b in before.values()), "training did not move the LoRA weights"
+
+    def fail(step):
+        raise AssertionError("retrained a cached adapter")
+
+    again = finetune(backbone, task, heads, LORA, CFG, tmp_path / "a", progress=False, on_step=fail)
+    assert again["reused"]
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(setup, tmp_path):
+    backbone, task, heads = setup
+    reference = tmp_path / "uninterrupted"
+    finetune(backbone, task, heads, LORA, CFG, reference, progress=False)
+
+    def crash_at_5(step):
+        if step == 5:
+            raise Interrupt
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        finetune(backbone, task, heads, LORA, CFG, out, progress=False, on_step=crash_at_5)
+    assert not is_complete(out) and (tmp_path / "interrupted.partial" / "checkpoint.pt").is_file()
+
+    steps = []
+    info = finetune(backbone, task, heads, LORA, CFG, out, progress=False, on_step=steps.append)
+    assert info["resumed_from"] == 4 and steps == [5, 6]
+    got, want = _factors(out), _factors(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k][0], want[k][0])
+        torch.testing.assert_close(got[k][1], want[k][1])
