@@ -34,22 +34,23 @@ META_NAME = "knots_meta.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def _plain(obj: Any) -> Any:
+def plain_for_key(obj: Any) -> Any:
+    """A dataclass as plain data, without the fields marked ``cache_key=False``."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get("cache_key", True)}
+        return {f.name: plain_for_key(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get("cache_key", True)}
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in sorted(obj.items())}
+        return {str(k): plain_for_key(v) for k, v in sorted(obj.items())}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain_for_key(v) for v in obj]
     return obj
 
 
 def cache_key(model_cfg: Any, task_cfg: Any, finetune_cfg: Any, task: TaskData) -> str:
     """A short hash of everything that determines the trained adapter."""
     payload = {
-        "model": _plain(model_cfg),
-        "task": _plain(task_cfg),
-        "finetune": _plain(finetune_cfg),
+        "model": plain_for_key(model_cfg),
+        "task": plain_for_key(task_cfg),
+        "finetune": plain_for_key(finetune_cfg),
         "data": [len(task.train), task.class_names, task.templates],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,7 +29,8 @@ from knots.pipeline.evaluate import (
     selection_score,
     summarize,
 )
-from knots.pipeline.finetune import adapter_dir, cache_key, finetune
+from knots.pipeline.finetune import plain_for_key, adapter_dir, cache_key, finetune
+from knots.pipeline.io import torch_save
 from knots.pipeline.logger import NullLogger, make_logger
 from knots.pipeline.methods import method_defaults, pruning_parameter
 from knots.pipeline.regmean import input_grams, regmean_merge
@@ -108,7 +111,7 @@ class Experiment:
             info = finetune(self.backbone, task, self.heads.per_task[task.name], cfg.model.lora, cfg.finetune, path,
                             logger=self.logger, progress=self.progress, meta={"cache_key": key})
             log.info("adapter %s: %s (%s)", task.name, path, "reused" if info["reused"] else "trained")
-            infos.append({**info, "path": str(path)})
+            infos.append({**info, "path": str(path), "cache_key": key})
             self.adapters.append(load_adapter(path, name=task.name))
         return infos
 
@@ -124,10 +127,19 @@ class Experiment:
         bs = self.cfg.finetune.eval_batch_size
         self.data = {s: EvalSet(self.backbone, self.tasks, s, bs) for s in ("validation", "test")}
         self.finetuned_feats: dict[str, list[torch.Tensor]] = {s: [] for s in self.data}
-        for task, adapter in zip(self.tasks, self.adapters):
+        for task, adapter, info in zip(self.tasks, self.adapters, self.adapter_infos):
+            cache = self.feature_cache_path(info)
+            if cache is not None and cache.is_file():
+                saved = torch.load(cache, map_location="cpu")
+                for split in self.data:
+                    self.finetuned_feats[split].append(saved[split])
+                continue
             delta = adapter_delta(adapter)
-            for split, data in self.data.items():
-                self.finetuned_feats[split].append(self.features(data, delta, f"finetuned {task.name} {split}"))
+            computed = {split: self.features(data, delta, f"finetuned {task.name} {split}") for split, data in self.data.items()}
+            for split in self.data:
+                self.finetuned_feats[split].append(computed[split])
+            if cache is not None:
+                torch_save(computed, cache)
         self.normalizers = {}
         finetuned = {}
         for i, task in enumerate(self.tasks):
@@ -135,6 +147,19 @@ class Experiment:
             finetuned[task.name] = {"val_accuracy": accs["validation"], "test_accuracy": accs["test"]}
         self.normalizers = {s: {t: finetuned[t][f"{k}_accuracy"] for t in finetuned} for s, k in (("validation", "val"), ("test", "test"))}
         return finetuned
+
+    def feature_cache_path(self, info: dict[str, Any]) -> Path | None:
+        """Where a cached adapter's features of this task set's validation and test inputs are kept.
+
+        Keyed by the adapter's cache key and every task's definition (which fix the inputs and their
+        order); given adapters, which have no cache key, are not cached.
+        """
+        if "cache_key" not in info:
+            return None
+        tasks = {n: plain_for_key(self.cfg.benchmark.tasks[n]) for n in self.cfg.benchmark.task_names}
+        payload = json.dumps([info["cache_key"], tasks, self.cfg.finetune.eval_batch_size], sort_keys=True, default=str)
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return Path(self.cfg.paths.cache_dir) / "features" / f"{info['task']}-{info['cache_key']}-{digest}.pt"
 
     def summary(self, split: str, delta: dict[str, torch.Tensor] | None, desc: str | None = None) -> dict[str, Any]:
         feats = self.features(self.data[split], delta, desc)
@@ -266,7 +291,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
     exit_code = 1
     try:
         t = time.perf_counter()
-        adapters = exp.finetune_all()
+        adapters = exp.adapter_infos = exp.finetune_all()
         exp.timings["finetune"] = time.perf_counter() - t
         t = time.perf_counter()
         finetuned = exp.evaluate_finetuned()
