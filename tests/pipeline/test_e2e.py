@@ -79,3 +79,20 @@ def test_given_adapters_replace_finetuning(compose_run, tmp_path):
     again = run_experiment(given, tmp_path / "b")
     assert again["finetuned"] == first["finetuned"]
     assert [a["path"] for a in again["meta"]["adapters"]] == [a["path"] for a in first["meta"]["adapters"]]
+
+
+def test_knots_alignment_is_computed_once_per_task_set(compose_run, tmp_path, monkeypatch):
+    import knots.merging.session as session
+
+    calls = []
+    real = session.align
+
+    def counting_align(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(session, "align", counting_align)
+    cfg = to_run_config(compose_run("logger=none", "methods=[knots_ties,knots_dare_ties]"))
+    results = run_experiment(cfg, tmp_path / "run")
+    assert len(results["methods"]["knots_ties"]["hyperparameters"]) > 0
+    assert calls == ["column"]
