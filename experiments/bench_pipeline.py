@@ -10,7 +10,6 @@ CPU count and its load average before and after: on a shared machine the times a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

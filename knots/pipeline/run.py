@@ -29,7 +29,7 @@ from knots.pipeline.evaluate import (
     selection_score,
     summarize,
 )
-from knots.pipeline.finetune import plain_for_key, adapter_dir, cache_key, finetune
+from knots.pipeline.finetune import adapter_dir, cache_key, finetune, plain_for_key
 from knots.pipeline.io import torch_save
 from knots.pipeline.logger import NullLogger, make_logger
 from knots.pipeline.methods import method_defaults, pruning_parameter
@@ -284,7 +284,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    config = resolved_config if resolved_config is not None else _as_dict(cfg)
+    config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
     exp = Experiment(cfg, output_dir, NullLogger())  # data and model first: bad input fails before logging starts
     logger = make_logger(cfg.logger, output_dir, config, name=output_dir.name)
     exp.logger = logger
@@ -320,15 +320,3 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
     finally:
         logger.finish(exit_code=exit_code)
 
-
-def _as_dict(cfg: RunConfig) -> dict[str, Any]:
-    def plain(o: Any) -> Any:
-        if dataclasses.is_dataclass(o):
-            return {f.name: plain(getattr(o, f.name)) for f in dataclasses.fields(o)}
-        if isinstance(o, dict):
-            return {k: plain(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [plain(v) for v in o]
-        return o
-
-    return plain(cfg)

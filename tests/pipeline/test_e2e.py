@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from knots.config import to_run_config
 from knots.pipeline.run import run_experiment
