@@ -101,9 +101,11 @@ def time_dense(taskset: TaskSet, sample: int) -> float:
     return (time.perf_counter() - start) / len(modules)
 
 
-def run_cli(paths: list[Path], out: Path) -> tuple[float, float]:
+def run_cli(paths: list[Path], out: Path, threads: int | None) -> tuple[float, float]:
     """Wall time and peak RSS (GiB) of a whole ``knots-merge`` process writing the merged adapter."""
     command = [sys.executable, "-m", "knots.cli.merge", f"adapters=[{','.join(map(str, paths))}]", "method=knots_ties", "method.scaling=0.6", "method.top_k=20", f"out={out}", "save_delta=false", "progress=false"]
+    if threads is not None:
+        command.append(f"threads={threads}")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
@@ -112,10 +114,10 @@ def run_cli(paths: list[Path], out: Path) -> tuple[float, float]:
     return seconds, max(peak, before) / 2**20
 
 
-def bench(key: str, dense_sample: int, workdir: Path) -> dict[str, object]:
+def bench(key: str, dense_sample: int, workdir: Path, threads: int | None) -> dict[str, object]:
     setting = SETTINGS[key]
     paths = write_adapters(setting, workdir / key)
-    cli_seconds, cli_rss = run_cli(paths, workdir / f"{key}-merged")
+    cli_seconds, cli_rss = run_cli(paths, workdir / f"{key}-merged", threads)
     adapters = [load_adapter(p) for p in paths]
     taskset = TaskSet.from_adapters(adapters)
     start = time.perf_counter()
@@ -159,12 +161,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--dense-sample", type=int, default=2, help="modules timed on the dense path")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_merge.json"))
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="knots-bench-") as workdir:
         for key in args.settings:
-            rows.append(bench(key, args.dense_sample, Path(workdir)))
+            rows.append(bench(key, args.dense_sample, Path(workdir), args.threads))
             print(table(rows[-1:]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))

@@ -64,6 +64,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     export_rank = cfg.export_rank
     if export_rank is not None and (not isinstance(export_rank, int) or export_rank < 1):
         raise ConfigError(f"export_rank must be a positive integer, got {export_rank!r}")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
     if cfg.max_shard_size_mb <= 0:
         raise ConfigError(f"max_shard_size_mb must be positive, got {cfg.max_shard_size_mb}")
     if cfg.alignment.svd_path not in SVD_PATHS:
@@ -97,6 +99,8 @@ def versions() -> dict[str, str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Merge and write every output; returns the content of merge.json."""
     settings = validate(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
     method, hp = settings["method"], settings["hp"]
     timings: dict[str, float] = {}
     start = time.perf_counter()
