@@ -29,7 +29,7 @@ def timed_run(overrides: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--log-dir", type=Path, default=Path("logs/bench_pipeline"))
+    parser.add_argument("--log-dir", type=Path, default=Path("outputs/bench_pipeline"))
     parser.add_argument("overrides", nargs="*", help="knots-run overrides")
     args = parser.parse_args(argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)

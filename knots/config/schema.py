@@ -38,7 +38,7 @@ def _steps(start: float, stop: float, step: float) -> list[float]:
 class PathsConfig:
     """Where runs write (``output_dir``) and where finetuned adapters are cached (``cache_dir``)."""
 
-    log_dir: str = "logs"
+    log_dir: str = "outputs"
     cache_dir: str = "${paths.log_dir}/cache"
     output_dir: str = "${hydra:runtime.output_dir}"
 
