@@ -20,8 +20,11 @@ from knots.errors import ConfigError
 
 SELECTION_METRICS = ("avg_normalized_accuracy", "joint_hits@3")
 SEARCH_STRATEGIES = ("linear", "grid", "none")
-DATA_SOURCES = ("csv", "json", "lines", "hf", "callable")
+DATA_SOURCES = ("csv", "json", "lines", "hf", "callable", "task")
+#: Sources whose builder makes the whole task (classes, templates, splits); no ``classes`` in config.
+TASK_SOURCES = ("task",)
 SPLIT_ROLES = ("train", "validation", "test")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -137,8 +140,11 @@ class TaskConfig:
     ``source``: ``csv`` / ``json`` (pandas readers; ``read_options`` are passed on), ``lines`` (a text
     file, one example per line, parsed by the regex ``pattern`` with groups ``input`` and ``label``),
     ``hf`` (a Hugging Face dataset name or a local ``save_to_disk`` directory; ``read_options`` go to
-    ``load_dataset``), or ``callable`` (``path`` is ``module:function`` returning rows or a dict of
-    splits of rows, a row being ``(input, raw_label)``).
+    ``load_dataset``), ``callable`` (``path`` is ``module:function`` returning rows or a dict of
+    splits of rows, a row being ``(input, raw_label)``), or ``task`` (``path`` is ``module:function``
+    called as ``function(name=<task>, **read_options)`` and returning a whole
+    ``knots.data.tasks.TaskData``: its class names, templates and splits come from the builder, so
+    ``classes`` stays empty and ``templates`` / ``split`` are not used).
     """
 
     source: str = "csv"
@@ -147,13 +153,16 @@ class TaskConfig:
     label_column: str = "label"
     pattern: str | None = None
     read_options: dict[str, Any] = field(default_factory=dict)
-    classes: list[ClassConfig] = MISSING
+    classes: list[ClassConfig] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: ["{}"])
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def validate(self) -> None:
         _check(self.source in DATA_SOURCES, f"unknown data source {self.source!r}; expected one of {DATA_SOURCES}")
-        _check(len(self.classes) >= 2, "a task needs at least 2 classes")
+        if self.source in TASK_SOURCES:
+            _check(not self.classes, f"source {self.source!r} takes its classes from the builder; remove 'classes'")
+        else:
+            _check(len(self.classes) >= 2, "a task needs at least 2 classes")
         _check(all("{}" in t for t in self.templates), "every template needs one '{}' for the class name")
         if self.source == "lines":
             _check(bool(self.pattern), "source 'lines' needs a regex 'pattern' with groups input and label")
@@ -172,6 +181,11 @@ class BenchmarkConfig:
         for name in self.select or []:
             _check(name in self.tasks, f"unknown task {name!r} in benchmark {self.name}; known: {', '.join(self.tasks)}")
         _check(len(self.task_names) >= 2, "merging needs at least 2 tasks")
+        from knots.data.sources import resolve_callable
+
+        for name in self.task_names:
+            if self.tasks[name].source in ("callable", *TASK_SOURCES):
+                resolve_callable(self.tasks[name].path, name)  # a loader that cannot be imported fails here
 
     @property
     def task_names(self) -> list[str]:
@@ -182,7 +196,15 @@ class BenchmarkConfig:
 class FinetuneConfig:
     """LoRA finetuning of one adapter per task (AdamW, linear warm-up then cosine decay).
 
-    Fields marked ``cache_key=False`` do not change the trained adapter and stay out of its cache key.
+    ``eval_every``: measure validation accuracy every that many steps (and at the last step) and keep
+    the best LoRA state as the adapter; ``patience``: stop after that many evaluations without
+    improvement (null/0: train all ``steps``). ``precision``: ``fp32``, or mixed precision on CUDA
+    (``bf16``; ``fp16`` with loss scaling); ``auto`` picks bf16 where supported, else fp16, and fp32
+    off CUDA. ``num_workers``: DataLoader processes that decode and preprocess training batches
+    (0: in the training process); the batches are the same either way.
+
+    Fields marked ``cache_key=False`` do not change the trained adapter and stay out of its cache key;
+    ``cache_key="non_default"`` ones enter it only when set, so older adapters keep their keys.
     """
 
     steps: int = 100
@@ -195,6 +217,10 @@ class FinetuneConfig:
     checkpoint_every: int = field(default=25, metadata={"cache_key": False})
     log_every: int = field(default=10, metadata={"cache_key": False})
     eval_batch_size: int = field(default=128, metadata={"cache_key": False})
+    eval_every: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    patience: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    precision: str = field(default="auto", metadata={"cache_key": False})  # the resolved one is keyed
+    num_workers: int = field(default=0, metadata={"cache_key": False})
 
     def validate(self) -> None:
         _check(self.steps >= 1, f"finetune.steps must be >= 1, got {self.steps}")
@@ -203,6 +229,11 @@ class FinetuneConfig:
         _check(0 <= self.warmup_steps <= self.steps, "finetune.warmup_steps must be in [0, steps]")
         _check(self.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1")
         _check(self.eval_batch_size >= 1, "finetune.eval_batch_size must be >= 1")
+        _check(self.eval_every is None or self.eval_every >= 0, "finetune.eval_every must be >= 0 or null")
+        _check(self.patience is None or self.patience >= 0, "finetune.patience must be >= 0 or null")
+        _check(not self.patience or bool(self.eval_every), "finetune.patience needs finetune.eval_every")
+        _check(self.precision in PRECISIONS, f"unknown finetune.precision {self.precision!r}; expected one of {PRECISIONS}")
+        _check(self.num_workers >= 0, f"finetune.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -322,6 +353,8 @@ class RunConfig:
                 _check(0 < params["top_k"] <= 100, f"top_k must be a percent in (0, 100], got {params['top_k']}")
             if "p" in params:
                 _check(0 <= params["p"] < 1, f"p (DARE drop rate) must be in [0, 1), got {params['p']}")
+        if self.finetune.precision in ("bf16", "fp16"):
+            _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:
             _check(task in self.benchmark.tasks, f"adapters.paths: unknown task {task!r}")
 

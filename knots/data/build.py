@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from knots.data.sources import READERS, Row
+from knots.data.sources import READERS, Row, resolve_callable
 from knots.data.tasks import SPLITS, Example, TaskData
 from knots.errors import ConfigError
 
@@ -118,8 +118,25 @@ def split_examples(rows: list[Row] | dict[str, list[Row]], classes: Sequence[Any
     return out
 
 
+def task_from_builder(name: str, cfg: Any) -> TaskData:
+    """A ``source: task`` task: ``builder(name=name, **read_options)`` returns the whole ``TaskData``."""
+    task = resolve_callable(cfg.path, name)(name=name, **cfg.read_options)
+    if not isinstance(task, TaskData):
+        raise ConfigError(f"task {name}: {cfg.path!r} returned {type(task).__name__}, expected TaskData")
+    if task.name != name:
+        raise ConfigError(f"task {name}: {cfg.path!r} built a task named {task.name!r}")
+    if task.num_classes < 2:
+        raise ConfigError(f"task {name}: {cfg.path!r} built a task with fewer than 2 classes")
+    for role in SPLITS:
+        if len(task.split(role)) == 0:
+            raise ConfigError(f"task {name}: the {role} split is empty")
+    return task
+
+
 def build_task(name: str, cfg: Any) -> TaskData:
-    """Read and split one task."""
+    """Read and split one task (or, for ``source: task``, have its builder make it)."""
+    if cfg.source == "task":
+        return task_from_builder(name, cfg)
     rows = READERS[cfg.source](cfg, name)
     sets = split_examples(rows, cfg.classes, cfg.split, name)
     found = {y for ex in sets["train"] for y in [ex[1]]}

@@ -86,13 +86,22 @@ def _dataset_rows(data: Any, cfg: Any, task: str) -> list[Row]:
     return list(zip(data[cfg.input_column], data[cfg.label_column]))
 
 
-def read_callable(cfg: Any, task: str) -> Rows:
-    module, _, attr = cfg.path.partition(":")
+def resolve_callable(path: str, task: str) -> Callable[..., Any]:
+    """The function named by ``module:function`` (a task's loader or builder); one-line ``ConfigError`` otherwise."""
+    module, _, attr = path.partition(":")
+    if not (module and attr):
+        raise ConfigError(f"task {task}: path must look like 'module:function', got {path!r}")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"task {task}: cannot import loader {cfg.path!r}") from None
-    return fn(**cfg.read_options)
+        raise ConfigError(f"task {task}: cannot import loader {path!r}") from None
+    if not callable(fn):
+        raise ConfigError(f"task {task}: {path!r} is not callable")
+    return fn
+
+
+def read_callable(cfg: Any, task: str) -> Rows:
+    return resolve_callable(cfg.path, task)(**cfg.read_options)
 
 
 READERS: dict[str, Callable[[Any, str], Rows]] = {

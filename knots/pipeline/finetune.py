@@ -4,12 +4,18 @@ The encoder is trained CLIP-style against the task's frozen class heads (cross-e
 ``logit_scale * cos``). A finished adapter is a PEFT directory under
 ``<cache_dir>/adapters/<task>-<key>``, where ``key`` hashes everything that changes the result
 (model, task definition, training settings); it is reused, never retrained. During training a
-checkpoint (LoRA weights, optimizer, schedule, RNG) is written atomically every
-``checkpoint_every`` steps to ``<...>.partial``, and a new run resumes from it.
+checkpoint (LoRA weights, optimizer, schedule, RNG, early-stopping state) is written atomically
+every ``checkpoint_every`` steps to ``<...>.partial``, and a new run resumes from it.
+
+With ``eval_every`` the validation accuracy is measured during training and the best LoRA state (not
+the last) becomes the adapter; ``patience`` stops training after that many evaluations without
+improvement. On CUDA, ``precision`` runs forward passes under autocast (bf16, or fp16 with loss
+scaling). ``num_workers > 0`` decodes and collates batches in DataLoader workers, in the same order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -17,15 +23,19 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from knots.data.tasks import TaskData
+from knots.data.tasks import Example, TaskData
+from knots.errors import ConfigError
 from knots.models.base import Backbone
 from knots.pipeline.io import atomic_dir, torch_save, write_json
 from knots.pipeline.logger import NullLogger
@@ -34,10 +44,19 @@ META_NAME = "knots_meta.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def _keyed(f: dataclasses.Field, value: Any) -> bool:
+    """Whether a dataclass field enters cache keys: ``cache_key`` False never, ``"non_default"`` when set."""
+    mode = f.metadata.get("cache_key", True)
+    if mode == "non_default":
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return value != default
+    return bool(mode)
+
+
 def plain_for_key(obj: Any) -> Any:
-    """A dataclass as plain data, without the fields marked ``cache_key=False``."""
+    """A dataclass as plain data, without the fields that do not change results (see ``_keyed``)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: plain_for_key(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get("cache_key", True)}
+        return {f.name: plain_for_key(getattr(obj, f.name)) for f in dataclasses.fields(obj) if _keyed(f, getattr(obj, f.name))}
     if isinstance(obj, dict):
         return {str(k): plain_for_key(v) for k, v in sorted(obj.items())}
     if isinstance(obj, (list, tuple)):
@@ -45,14 +64,16 @@ def plain_for_key(obj: Any) -> Any:
     return obj
 
 
-def cache_key(model_cfg: Any, task_cfg: Any, finetune_cfg: Any, task: TaskData) -> str:
-    """A short hash of everything that determines the trained adapter."""
+def cache_key(model_cfg: Any, task_cfg: Any, finetune_cfg: Any, task: TaskData, precision: str = "fp32") -> str:
+    """A short hash of everything that determines the trained adapter (``precision``: the resolved one)."""
     payload = {
         "model": plain_for_key(model_cfg),
         "task": plain_for_key(task_cfg),
         "finetune": plain_for_key(finetune_cfg),
         "data": [len(task.train), task.class_names, task.templates],
     }
+    if precision != "fp32":
+        payload["precision"] = precision
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -74,6 +95,114 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.extend(perm[offset : offset + batch_size - len(out)].tolist())
     return out
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(requested: str, device: torch.device | str) -> str:
+    """The precision finetuning runs in: fp32 off CUDA; on CUDA ``auto`` is bf16 where supported, else fp16."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        if requested in AUTOCAST_DTYPES:
+            raise ConfigError(f"finetune.precision {requested} needs a CUDA device (device is {device})")
+        return "fp32"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("finetune.precision bf16: this GPU does not support bfloat16 (use fp16 or auto)")
+    return requested
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """Autocast for a resolved mixed precision; nothing for fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+class StepBatches:
+    """The example indices of training steps ``start .. stop - 1`` (see ``batch_indices``); a DataLoader
+    ``batch_sampler`` that reproduces the in-process batch order."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield batch_indices(self.n, self.batch_size, step, self.seed)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class _Inputs(Dataset):
+    """Raw inputs by index, for a DataLoader whose ``collate_fn`` is the backbone's."""
+
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.inputs[i]
+
+
+def collated_batches(backbone: Backbone, inputs: Sequence[Any], index_batches: Iterable[list[int]],
+                     num_workers: int = 0, seed: int = 0) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """``(indices, backbone.collate(inputs[indices]))`` per index batch, collated in this process or in
+    ``num_workers`` DataLoader workers (same batches, same order; the global RNG is not touched)."""
+    if num_workers <= 0:
+        for idx in index_batches:
+            yield idx, backbone.collate([inputs[i] for i in idx])
+        return
+    loader = DataLoader(_Inputs(inputs), batch_sampler=index_batches, collate_fn=backbone.collate,
+                        num_workers=num_workers, pin_memory=backbone.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))
+    yield from zip(iter(index_batches), loader)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, backbone: Backbone, examples: Sequence[Example], heads: torch.Tensor,
+             batch_size: int, precision: str = "fp32", num_workers: int = 0) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``examples`` against ``heads``; the model's train/eval mode is kept."""
+    was_training = model.training
+    model.eval()
+    inputs = [x for x, _ in examples]
+    labels = torch.tensor([y for _, y in examples])
+    chunks = [list(range(i, min(i + batch_size, len(inputs)))) for i in range(0, len(inputs), batch_size)]
+    correct = 0
+    for idx, batch in collated_batches(backbone, inputs, chunks, num_workers):
+        with autocast(precision, backbone.device):
+            feats = model(_to_device(batch, backbone.device))
+        correct += int((feats.float() @ heads.float().T).argmax(1).cpu().eq(labels[idx]).sum())
+    model.train(was_training)
+    return 100.0 * correct / max(1, len(inputs))
+
+
+@dataclass
+class BestState:
+    """Early-stopping state: the best validation accuracy so far, its step and LoRA weights."""
+
+    accuracy: float = -1.0
+    step: int = 0
+    lora: dict[str, torch.Tensor] | None = None
+    bad_evals: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def update(self, step: int, acc: float, params: dict[str, nn.Parameter]) -> None:
+        """Record an evaluation; a strictly better one replaces the kept LoRA state."""
+        self.history.append((step, acc))
+        if acc > self.accuracy:
+            self.accuracy, self.step, self.bad_evals = acc, step, 0
+            self.lora = {n: p.detach().clone() for n, p in params.items()}
+        else:
+            self.bad_evals += 1
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -133,12 +262,16 @@ def finetune(
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     ckpt_path = partial / CHECKPOINT_NAME
+    device = backbone.device
+    precision = resolve_precision(cfg.precision, device)
+    evaluating = bool(cfg.eval_every)
 
     model = peft_encoder(backbone, lora, cfg.seed)
     params = _trainable(model)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
-    step, resumed_from, losses = 0, 0, []
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, resumed_from, losses, best = 0, 0, [], BestState()
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         with torch.no_grad():
@@ -146,13 +279,17 @@ def finetune(
                 params[name].copy_(value)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        if "best" in state:
+            best = BestState(**state["best"])
         torch.set_rng_state(state["rng"])
         step = resumed_from = state["step"]
         losses = state["losses"]
     else:
         torch.manual_seed(cfg.seed)
 
-    heads = heads.to(backbone.device)
+    heads = heads.to(device)
     inputs = [x for x, _ in task.train]
     labels = torch.tensor([y for _, y in task.train])
     prefix = f"train/{task.name}/"
@@ -160,19 +297,22 @@ def finetune(
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"finetune {task.name}", disable=not progress, leave=False)
-    while step < cfg.steps:
-        idx = batch_indices(len(inputs), cfg.batch_size, step, cfg.seed)
-        batch = backbone.collate([inputs[i] for i in idx])
-        batch = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        feats = nn.functional.normalize(model(batch), dim=-1)
-        logits = backbone.logit_scale * feats @ heads.T
-        target = labels[idx].to(logits.device)
-        loss = nn.functional.cross_entropy(logits, target)
+    batches = collated_batches(backbone, inputs, StepBatches(len(inputs), cfg.batch_size, cfg.seed, step, cfg.steps),
+                               cfg.num_workers, cfg.seed)
+    stop = False
+    for idx, batch in batches:
+        with autocast(precision, device):
+            feats = nn.functional.normalize(model(_to_device(batch, device)), dim=-1)
+            logits = backbone.logit_scale * feats @ heads.T
+            target = labels[idx].to(logits.device)
+            loss = nn.functional.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         step += 1
         losses.append(loss.item())
@@ -181,21 +321,37 @@ def finetune(
         if step % cfg.log_every == 0 or step == cfg.steps:
             acc = (logits.argmax(1) == target).float().mean().item() * 100
             logger.log({f"{prefix}step": step, f"{prefix}loss": loss.item(), f"{prefix}acc": acc, f"{prefix}lr": sched.get_last_lr()[0]})
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
+            val = accuracy(model, backbone, task.validation, heads, cfg.eval_batch_size, precision, cfg.num_workers)
+            best.update(step, val, params)
+            logger.log({f"{prefix}step": step, f"{prefix}val_acc": val, f"{prefix}best_val_acc": best.accuracy})
+            stop = bool(cfg.patience) and best.bad_evals >= cfg.patience
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps and not stop:
             state = {"lora": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "step": step, "losses": losses}
+                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                     "step": step, "losses": losses, "best": dataclasses.asdict(best)}
             torch_save(state, ckpt_path)
         if on_step is not None:
             on_step(step)
+        if stop:
+            break
+    batches.close()  # stops DataLoader workers still prefetching after an early stop
     bar.close()
+    if best.lora is not None:
+        with torch.no_grad():
+            for name, value in best.lora.items():
+                params[name].copy_(value)
 
     info = {
         "task": task.name,
         "steps": cfg.steps,
+        "steps_run": step,
         "resumed_from": resumed_from,
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "train_seconds": time.perf_counter() - start,
         "train_examples": len(inputs),
+        "precision": precision,
+        **({"best_step": best.step, "best_val_accuracy": best.accuracy, "val_history": best.history} if evaluating else {}),
         **(meta or {}),
     }
     with atomic_dir(out_dir) as tmp:
@@ -203,4 +359,3 @@ def finetune(
         write_json(tmp / META_NAME, info)
     shutil.rmtree(partial, ignore_errors=True)
     return {**info, "reused": False}
-

@@ -29,7 +29,7 @@ from knots.pipeline.evaluate import (
     selection_score,
     summarize,
 )
-from knots.pipeline.finetune import adapter_dir, cache_key, finetune, plain_for_key
+from knots.pipeline.finetune import adapter_dir, cache_key, finetune, plain_for_key, resolve_precision
 from knots.pipeline.io import torch_save
 from knots.pipeline.logger import NullLogger, make_logger
 from knots.pipeline.methods import method_defaults, pruning_parameter
@@ -105,8 +105,9 @@ class Experiment:
             infos.sort(key=lambda i: order[i["task"]])
             self.adapters = [load_adapter(i["path"], name=i["task"]) for i in infos]
             return infos
+        precision = resolve_precision(cfg.finetune.precision, self.backbone.device)
         for task in tqdm(self.tasks, desc="finetune", disable=not self.progress):
-            key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], cfg.finetune, task)
+            key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], cfg.finetune, task, precision)
             path = adapter_dir(cfg.paths.cache_dir, task.name, key)
             info = finetune(self.backbone, task, self.heads.per_task[task.name], cfg.model.lora, cfg.finetune, path,
                             logger=self.logger, progress=self.progress, meta={"cache_key": key})

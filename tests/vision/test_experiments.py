@@ -1,0 +1,131 @@
+"""The paper's vision experiments compose, validate and build their tasks (no network: HF loading is faked)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from knots.config.schema import to_run_config
+from knots.data.build import build_task
+from knots.data.sources import resolve_callable
+from knots.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+VISION_EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("vit*.yaml"))
+
+
+def compose(tmp_path: Path, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from knots.config import register_configs
+
+    register_configs()
+    base = [f"paths.log_dir={tmp_path}/logs", f"paths.output_dir={tmp_path}/out"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("run", overrides=base + list(overrides))
+
+
+def fake_hf_dataset(num_classes: int, names: list[str] | None = None, sizes: tuple[int, ...] = (40, 50)):
+    """A ``DatasetDict``-like mapping of small in-memory splits with a ``ClassLabel`` column."""
+    import datasets
+    from PIL import Image
+
+    names = names or [f"class_{i}" for i in range(num_classes)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    image = Image.new("RGB", (4, 4))
+    return {split: datasets.Dataset.from_dict({"image": [image] * n, "label": [i % num_classes for i in range(n)]},
+                                              features=features)
+            for split, n in zip(("train", "test"), sizes)}
+
+
+def test_the_paper_experiments_are_all_found():
+    assert {"vitb32_per_task", "vitb32_joint", "vitb32_paper_adapters",
+            "vitl14_per_task", "vitl14_joint", "vitl14_paper_adapters"} <= set(VISION_EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", VISION_EXPERIMENTS)
+def test_every_vision_experiment_validates(tmp_path, experiment):
+    cfg = to_run_config(compose(tmp_path, f"experiment={experiment}"))
+    assert cfg.benchmark.task_names == ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
+    assert cfg.model.backbone == "knots.vision.clip:ClipBackbone"
+    assert cfg.search.metric == ("joint_hits@3" if experiment.endswith("_joint") else "avg_normalized_accuracy")
+    for name in cfg.benchmark.task_names:
+        task = cfg.benchmark.tasks[name]
+        assert task.source == "task" and task.classes == []
+        assert callable(resolve_callable(task.path, name))
+    ft = cfg.finetune
+    assert (ft.batch_size, ft.warmup_steps) == (32, 500)
+    assert ft.eval_every and ft.patience, "vision finetuning stops early on validation accuracy"
+    assert ft.num_workers >= 1 and ft.precision == "auto"
+    if experiment.endswith("paper_adapters"):
+        assert cfg.adapters.loader == "knots.vision.released:released_adapters"
+        loader = resolve_callable(cfg.adapters.loader, "adapters")
+        # the pipeline calls loader(tasks=..., cache_dir=..., **options)
+        inspect.signature(loader).bind(tasks=cfg.benchmark.task_names, cache_dir="x", **cfg.adapters.options)
+    else:
+        assert not cfg.adapters.given
+
+
+@pytest.mark.parametrize(("task", "classes"), [("cars", 196), ("sun397", 397), ("dtd", 47)])
+def test_task_source_builds_from_the_datasets_label_feature(tmp_path, monkeypatch, task, classes):
+    import datasets
+
+    cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task"))
+    names = [f"/{chr(97 + i % 26)}/scene_{i}" if task == "sun397" else f"model {i}" for i in range(classes)]
+    calls = []
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append(path)
+        return fake_hf_dataset(classes, names, sizes=(2 * classes, 5 * classes))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    built = build_task(task, cfg.benchmark.tasks[task])
+    assert calls == [cfg.benchmark.tasks[task].read_options["hf_path"]]
+    assert built.name == task and built.num_classes == classes
+    assert built.class_names[1] == ("scene 1" if task == "sun397" else "model 1")  # from the label feature
+    assert len(built.validation) == classes and len(built.test) == 4 * classes  # 20% of test carved
+
+
+def test_task_source_rejects_a_wrong_class_count(tmp_path, monkeypatch):
+    import datasets
+
+    cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake_hf_dataset(195))
+    with pytest.raises(ConfigError, match="has 195 classes, expected 196"):
+        build_task("cars", cfg.benchmark.tasks["cars"])
+
+
+def _not_a_task(name: str) -> list:
+    return []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("benchmark.tasks.cars.path=knots.vision.datasets:nope", "task cars: cannot import loader"),
+        ("benchmark.tasks.cars.path=nomodule", "task cars: path must look like 'module:function'"),
+        ("+benchmark.tasks.cars.classes=[{name: a}, {name: b}]", "takes its classes from the builder"),
+    ],
+)
+def test_bad_task_source_fails_validation_on_one_line(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        to_run_config(compose(tmp_path, "experiment=vitb32_per_task", override))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_builder_must_return_task_data(tmp_path):
+    cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task"))
+    task_cfg = cfg.benchmark.tasks["cars"]
+    task_cfg.path, task_cfg.read_options = f"{__name__}:_not_a_task", {}
+    with pytest.raises(ConfigError, match="returned list, expected TaskData"):
+        build_task("cars", task_cfg)
+
+
+def test_vision_benchmark_yaml_has_no_class_lists():
+    """Class names of the task-source benchmark come from the datasets, never from the config."""
+    tasks = OmegaConf.load(CONF_DIR / "benchmark" / "vision8.yaml").tasks
+    assert all("classes" not in t for t in tasks.values())
