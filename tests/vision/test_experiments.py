@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from knots.config.schema import to_run_config
@@ -129,3 +130,44 @@ def test_vision_benchmark_yaml_has_no_class_lists():
     """Class names of the task-source benchmark come from the datasets, never from the config."""
     tasks = OmegaConf.load(CONF_DIR / "benchmark" / "vision8.yaml").tasks
     assert all("classes" not in t for t in tasks.values())
+
+
+@pytest.mark.parametrize("experiment", [e for e in VISION_EXPERIMENTS if e.endswith("paper_adapters")])
+def test_released_adapter_experiment_merges_what_its_loader_returns(tmp_path, monkeypatch, experiment):
+    """The experiment's loader (faked: tiny adapters for the tiny CLIP) replaces finetuning."""
+    import json
+
+    import knots.vision.released
+    from knots.models import build_backbone
+    from knots.pipeline.finetune import peft_encoder
+    from knots.pipeline.run import run_experiment
+
+    cfg = to_run_config(compose(
+        tmp_path, f"experiment={experiment}", "model=clip_tiny", "benchmark=vision_smoke",
+        "benchmark.select=[digits,mnist]", "device=cpu", "logger=none", "progress=false",
+        "methods=[ta,knots_ties]", "search.scaling=[0.5,1.0]", "search.top_k=[50]"))
+    calls = []
+
+    def fake_released(tasks, cache_dir, arch, repo_template="", revisions=None):
+        calls.append((list(tasks), arch))
+        backbone = build_backbone(cfg.model)
+        out = {}
+        for i, task in enumerate(tasks):
+            model = peft_encoder(backbone, cfg.model.lora, seed=i)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=0.05)
+            out[task] = Path(cache_dir) / "released" / task
+            model.save_pretrained(str(out[task]))
+        return out
+
+    monkeypatch.setattr(knots.vision.released, "released_adapters", fake_released)
+    results = run_experiment(cfg, tmp_path / "run")
+    assert calls == [(["digits", "mnist"], cfg.adapters.options["arch"])]
+    adapters = results["meta"]["adapters"]
+    assert [a["task"] for a in adapters] == ["digits", "mnist"] and all(a["reused"] for a in adapters)
+    assert all(Path(a["path"]).parent.name == "released" for a in adapters)
+    assert not (Path(cfg.paths.cache_dir) / "adapters").exists(), "finetuned although adapters were given"
+    assert set(results["methods"]) == {"ta", "knots_ties"}
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["meta"]["model"] == "clip-tiny"
