@@ -192,3 +192,15 @@ def test_new_options_leave_existing_cache_keys_alone(setup):
 def test_bad_finetune_options_fail_validation(changes, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(FinetuneConfig(), **changes).validate()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_path_runs(setup, tmp_path, monkeypatch, precision):
+    """The autocast / loss-scaling path, with CPU autocast standing in for CUDA."""
+    import knots.pipeline.finetune as ft
+
+    backbone, task, heads = setup
+    monkeypatch.setattr(ft, "resolve_precision", lambda requested, device: precision)
+    info = finetune(backbone, task, heads, LORA, config(steps=8, eval_every=4), tmp_path / "a", progress=False)
+    assert info["precision"] == precision and len(info["val_history"]) == 2
+    assert any(b.abs().sum() > 0 for _, b in factors(tmp_path / "a").values())
