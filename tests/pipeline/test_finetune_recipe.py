@@ -196,11 +196,12 @@ def test_bad_finetune_options_fail_validation(changes, message):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_path_runs(setup, tmp_path, monkeypatch, precision):
-    """The autocast / loss-scaling path, with CPU autocast standing in for CUDA."""
+    """The autocast / loss-scaling path, with CPU autocast standing in for CUDA (fp16 skips its first,
+    overflowing steps while the loss scale settles)."""
     import knots.pipeline.finetune as ft
 
     backbone, task, heads = setup
     monkeypatch.setattr(ft, "resolve_precision", lambda requested, device: precision)
-    info = finetune(backbone, task, heads, LORA, config(steps=8, eval_every=4), tmp_path / "a", progress=False)
+    info = finetune(backbone, task, heads, LORA, config(steps=16, eval_every=8), tmp_path / "a", progress=False)
     assert info["precision"] == precision and len(info["val_history"]) == 2
     assert any(b.abs().sum() > 0 for _, b in factors(tmp_path / "a").values())
