@@ -19,8 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from knots import __version__
 from knots.cli.common import check_composition, fail, full_errors, one_line_errors
 from knots.errors import ConfigError, KnotsError
-from knots.lora import load_adapter
-from knots.merging import Hyperparameters, Ingredients, MergeSession, get_method, method_names
+from knots.lora import LoraAdapter, load_adapter
+from knots.merging import Hyperparameters, Ingredients, MergeResult, MergeSession, get_method, method_names
 from knots.merging.export import atomic_directory, write_merge_outputs
 from knots.merging.registry import config_dir
 
@@ -72,7 +72,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"alignment.svd_path must be one of {', '.join(SVD_PATHS)}, got {cfg.alignment.svd_path!r}")
     if not (cfg.save_delta or cfg.save_adapter or export_rank):
         raise ConfigError("nothing to write: save_delta, save_adapter and export_rank are all off")
-    if cfg.save_adapter and not cfg.save_delta and not export_rank and method.space == "dense" and method.name != "ta":
+    if cfg.save_adapter and not cfg.save_delta and not export_rank and method.space == "dense" and not method.linear:
         raise ConfigError(f"{method.name} merges are not exactly low-rank: keep save_delta=true or set export_rank")
     out = Path(str(cfg.out)).expanduser()
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         session.set_ingredients(Ingredients.load(cfg.alignment.load))
         timings["load_alignment"] = time.perf_counter() - start
     result = session.merge(method.name, **hp.as_dict())
-    timings.update({key: value for key, value in session.timings.items()})
+    timings.update(session.timings)
     with atomic_directory(settings["out"], overwrite=cfg.overwrite) as staging:
         start = time.perf_counter()
         template = dict(adapters[0].config)
@@ -141,7 +141,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def describe(cfg, settings, adapters, session, result, report, timings) -> dict[str, Any]:
+def describe(
+    cfg: DictConfig,
+    settings: dict[str, Any],
+    adapters: list[LoraAdapter],
+    session: MergeSession,
+    result: MergeResult,
+    report: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The content of merge.json."""
     method = settings["method"]
     components = {}
     if method.space != "dense":

@@ -16,8 +16,8 @@ KNOTS_REF = "Stoica, Ramesh et al., Model Merging with SVD to Tie the KnOTS, ICL
 KNOTS_ROW_REF = KNOTS_REF + " (Sec. 5.4 ablation: row-wise concatenation)"
 
 
-@register("ta", "dense", TA_REF, uses=("scaling", "merge_func"))
-@register("knots_ta", "knots", KNOTS_REF, uses=("scaling", "merge_func"))
+@register("ta", "dense", TA_REF, uses=("scaling", "merge_func"), linear=True)
+@register("knots_ta", "knots", KNOTS_REF, uses=("scaling", "merge_func"), linear=True)
 def task_arithmetic(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -> dict[str, torch.Tensor]:
     """Task arithmetic: scaling times the sum (or mean) of the task vectors."""
     return merge_family(vectors, hp, Stages(), progress)

@@ -23,13 +23,18 @@ MergeFunction = Callable[[TaskVectors, Hyperparameters, bool], dict[str, torch.T
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method. ``space``: full updates, KnOTS column blocks or KnOTS row blocks."""
+    """A registered method. ``space``: full updates, KnOTS column blocks or KnOTS row blocks.
+
+    ``linear``: the merge is a fixed linear combination of the task updates, so a merge of full updates
+    is exactly the tasks' LoRA factors concatenated.
+    """
 
     name: str
     function: MergeFunction
     space: Space
     reference: str
     uses: tuple[str, ...]
+    linear: bool = False
 
     @property
     def summary(self) -> str:
@@ -39,13 +44,13 @@ class MergeMethod:
 METHODS: dict[str, MergeMethod] = {}
 
 
-def register(name: str, space: Space, reference: str, uses: tuple[str, ...] = ("scaling",)) -> Callable[[MergeFunction], MergeFunction]:
+def register(name: str, space: Space, reference: str, uses: tuple[str, ...] = ("scaling",), linear: bool = False) -> Callable[[MergeFunction], MergeFunction]:
     """Register ``function`` as method ``name``; ``uses`` names the hyperparameters it reads."""
 
     def decorator(function: MergeFunction) -> MergeFunction:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        METHODS[name] = MergeMethod(name=name, function=function, space=space, reference=reference, uses=uses)
+        METHODS[name] = MergeMethod(name=name, function=function, space=space, reference=reference, uses=uses, linear=linear)
         return function
 
     return decorator

@@ -40,8 +40,8 @@ class MergeResult:
 
     @property
     def exact_low_rank(self) -> bool:
-        """Whether :meth:`lora` gives exact factors: every KnOTS merge, and task arithmetic."""
-        return self.method.space != "dense" or self.method.name == "ta"
+        """Whether :meth:`lora` gives exact factors: every KnOTS merge, and linear merges (TA)."""
+        return self.method.space != "dense" or self.method.linear
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The merged ``dW`` in the base parameter's layout (transposed for ``fan_in_fan_out``)."""
@@ -61,7 +61,7 @@ class MergeResult:
         """Exact factors ``(B, A)`` of the merged ``dW = B @ A`` (``nn.Linear`` layout)."""
         if self.method.space != "dense":
             return self.vectors.to_lora(module, self.merged[module])
-        if self.method.name != "ta":
+        if not self.method.linear:
             raise ValueError(f"{self.method.name} merges are not exactly low-rank; use an SVD-truncated export")
         return concatenated_factors(self.taskset, module, self.hyperparameters)
 
