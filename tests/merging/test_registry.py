@@ -1,0 +1,33 @@
+"""The method registry and the method config files describe the same set of methods."""
+
+import pytest
+
+from knots.errors import ConfigError
+from knots.merging import Hyperparameters, get_method, load_method_config, method_names
+from knots.merging.registry import config_dir
+
+
+def test_every_method_has_a_config_file_and_every_file_a_method():
+    files = {path.stem for path in (config_dir() / "method").glob("*.yaml")}
+    assert files == set(method_names())
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_method_configs_are_valid_defaults(name):
+    config = load_method_config(name)
+    assert config.pop("name") == name
+    Hyperparameters(**config)
+    method = get_method(name)
+    assert method.reference and method.summary
+    assert set(method.uses) <= set(Hyperparameters.__dataclass_fields__)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known methods: dare, dare_ties"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("field,value", [("top_k", 0), ("top_k", 100.5), ("p", 1.0), ("p", -0.1), ("scaling", float("nan")), ("trim_scope", "layer"), ("sign_vote", "vote"), ("merge_func", "max")])
+def test_out_of_range_hyperparameters_are_refused(field, value):
+    with pytest.raises(ConfigError, match=field):
+        Hyperparameters(**{field: value})
