@@ -21,7 +21,7 @@ from knots.cli.common import check_composition, fail, full_errors, one_line_erro
 from knots.errors import ConfigError, KnotsError
 from knots.lora import LoraAdapter, load_adapter
 from knots.merging import Hyperparameters, Ingredients, MergeResult, MergeSession, get_method, method_names
-from knots.merging.export import atomic_directory, write_merge_outputs
+from knots.merging.export import atomic_directory, check_output_dir, write_merge_outputs
 from knots.merging.registry import config_dir
 
 PROGRAM = "knots-merge"
@@ -74,11 +74,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("nothing to write: save_delta, save_adapter and export_rank are all off")
     if cfg.save_adapter and not cfg.save_delta and not export_rank and method.space == "dense" and not method.linear:
         raise ConfigError(f"{method.name} merges are not exactly low-rank: keep save_delta=true or set export_rank")
-    out = Path(str(cfg.out)).expanduser()
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise ConfigError(f"out={out} is not empty; pass overwrite=true to replace it")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={out} exists and is not a directory")
+    out = check_output_dir(str(cfg.out), cfg.overwrite)
     return {
         "method": method,
         "hp": hp,

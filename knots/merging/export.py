@@ -27,14 +27,20 @@ DELTA_NAME = "delta_weights.safetensors"
 DELTA_INDEX_NAME = "delta_weights.safetensors.index.json"
 
 
-@contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block completes."""
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an ``out`` that is a file, or a non-empty directory without ``overwrite``."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"out={out} is not empty; pass overwrite=true to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out`` only if the block completes."""
+    out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -122,13 +122,8 @@ def agreeing_sum_and_count(stack: torch.Tensor, sign: torch.Tensor) -> tuple[tor
     return (stack * agrees).sum(dim=0), agrees.sum(dim=0)
 
 
-def disjoint_merge(stack: torch.Tensor, sign: torch.Tensor, merge_func: MergeFunc = "mean") -> torch.Tensor:
-    """Combine only the entries that agree with the elected sign: their mean or their sum."""
-    total, count = agreeing_sum_and_count(stack, sign)
-    return finish_disjoint(total, count, merge_func)
-
-
 def finish_disjoint(total: torch.Tensor, count: torch.Tensor, merge_func: MergeFunc) -> torch.Tensor:
+    """The disjoint merge from the agreeing entries' sum and count: their mean or their sum."""
     if merge_func == "sum":
         return total
     if merge_func == "mean":
@@ -143,18 +138,3 @@ def combine(stack: torch.Tensor, merge_func: MergeFunc = "sum") -> torch.Tensor:
     if merge_func == "mean":
         return stack.mean(dim=0)
     raise ValueError(f"unknown merge function {merge_func!r}; expected 'mean' or 'sum'")
-
-
-def ties_merge(stack: torch.Tensor, top_k: float = 100.0, vote: SignVote = "mass", merge_func: MergeFunc = "mean") -> torch.Tensor:
-    """TIES on one tensor: per-task top-K% trim, sign election, disjoint merge (no scaling)."""
-    if top_k < 100:
-        thresholds = torch.stack([magnitude_threshold(task, top_k) for task in stack])
-        stack = trim(stack, thresholds)
-    sign = elect_sign(stack, vote)
-    sign = torch.where(sign == 0, majority_sign(sign), sign)
-    return disjoint_merge(stack, sign, merge_func)
-
-
-def majority_sign(sign: torch.Tensor) -> torch.Tensor:
-    """TIES's fallback for tied entries: the sign held by most elected entries."""
-    return torch.sign(sign.sum())

@@ -59,7 +59,7 @@ class MergeResult:
 
     def lora(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact factors ``(B, A)`` of the merged ``dW = B @ A`` (``nn.Linear`` layout)."""
-        if self.method.space != "dense":
+        if isinstance(self.vectors, AlignedBlocks):
             return self.vectors.to_lora(module, self.merged[module])
         if not self.method.linear:
             raise ValueError(f"{self.method.name} merges are not exactly low-rank; use an SVD-truncated export")
@@ -117,7 +117,7 @@ class MergeSession:
     def vectors(self, space: str) -> TaskVectors:
         if space == "dense":
             return FullUpdates(self.taskset, self.dense_dtype)
-        return AlignedBlocks(self.ingredients(ORIENTATION[space]), kind=space)
+        return AlignedBlocks(self.ingredients(ORIENTATION[space]))
 
     def merge(self, method: str, **hyperparameters: Any) -> MergeResult:
         """Merge with a registered method; unspecified hyperparameters take their defaults."""

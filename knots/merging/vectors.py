@@ -1,7 +1,8 @@
 """Task-vector spaces that merges act on, module by module.
 
 A space yields, per module, a task stack ``(n_tasks, ...)``, and turns a merged tensor back into the
-module's update ``dW`` (``(out, in)``, ``nn.Linear`` layout). It may also give exact low-rank factors.
+module's update ``dW`` (``(out, in)``, ``nn.Linear`` layout). The KnOTS space also gives exact low-rank
+factors.
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ class TaskVectors(Protocol):
 
     tasks: list[str]
     modules: list[str]
-    kind: str
 
     def stack(self, module: str) -> torch.Tensor: ...
 
     def task_numel(self, module: str) -> int: ...
 
     def to_delta(self, module: str, merged: torch.Tensor) -> torch.Tensor: ...
-
-    def to_lora(self, module: str, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -37,7 +35,6 @@ class FullUpdates:
 
     taskset: TaskSet
     dtype: torch.dtype = torch.float32
-    kind: str = "dense"
 
     @property
     def tasks(self) -> list[str]:
@@ -57,16 +54,12 @@ class FullUpdates:
     def to_delta(self, module: str, merged: torch.Tensor) -> torch.Tensor:
         return merged
 
-    def to_lora(self, module: str, merged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("a merge of full updates is not low-rank in general")
-
 
 @dataclass
 class AlignedBlocks:
     """KnOTS: task vectors are the aligned blocks ``S V_i^T``; ``dW = U @ merged`` (transposed for rows)."""
 
     ingredients: Ingredients
-    kind: str = "knots"
 
     @property
     def tasks(self) -> list[str]:

@@ -4,9 +4,33 @@ import pytest
 import torch
 
 from knots.merging import functions as F
-from knots.merging.family import Hyperparameters, Stages, merge_module
+from knots.merging.family import Hyperparameters, Stages, merge_family
 
 X = torch.tensor([[1.0, -2.0, 3.0, 0.5], [-1.0, -1.0, 2.0, -4.0], [2.0, 1.0, -1.0, 0.1]])
+TIES = Stages(trim=True, elect=True)
+
+
+class Stacks:
+    """Task vectors given directly as one task stack per module."""
+
+    def __init__(self, **stacks: torch.Tensor) -> None:
+        self.stacks = stacks
+        self.modules = list(stacks)
+        self.tasks = [f"task{i}" for i in range(next(iter(stacks.values())).shape[0])]
+
+    def stack(self, module: str) -> torch.Tensor:
+        return self.stacks[module]
+
+    def task_numel(self, module: str) -> int:
+        return self.stacks[module][0].numel()
+
+    def to_delta(self, module: str, merged: torch.Tensor) -> torch.Tensor:
+        return merged
+
+
+def merge(stack: torch.Tensor, stages: Stages = TIES, **hyperparameters) -> torch.Tensor:
+    """The engine's merge of a one-module model."""
+    return merge_family(Stacks(m=stack), Hyperparameters(**{"scaling": 1.0, **hyperparameters}), stages)["m"]
 
 
 def test_trim_keeps_entries_at_or_above_the_reference_threshold():
@@ -16,27 +40,38 @@ def test_trim_keeps_entries_at_or_above_the_reference_threshold():
 
 
 def test_ties_hand_computed():
-    merged = F.ties_merge(X, top_k=50, vote="mass", merge_func="mean")
-    assert merged.tolist() == [1.5, -1.5, 2.5, -4.0]
-    assert F.ties_merge(X, top_k=50, merge_func="sum").tolist() == [3.0, -3.0, 5.0, -4.0]
+    assert merge(X, top_k=50, sign_vote="mass", merge_func="mean").tolist() == [1.5, -1.5, 2.5, -4.0]
+    assert merge(X, top_k=50, merge_func="sum").tolist() == [3.0, -3.0, 5.0, -4.0]
+    assert merge(X, top_k=50, scaling=0.5).tolist() == [0.75, -0.75, 1.25, -2.0]
 
 
 def test_sign_votes_differ_by_mass_and_count():
     stack = torch.tensor([[5.0], [-1.0], [-1.0]])
     assert F.elect_sign(stack, "mass").item() == 1.0
     assert F.elect_sign(stack, "count").item() == -1.0
-    assert F.ties_merge(stack, vote="mass").item() == 5.0
-    assert F.ties_merge(stack, vote="count").item() == -1.0
+    assert merge(stack, sign_vote="mass").item() == 5.0
+    assert merge(stack, sign_vote="count").item() == -1.0
 
 
-def test_tied_vote_takes_the_majority_sign():
+@pytest.mark.parametrize("trim_scope", ["model", "module"])
+def test_tied_vote_takes_the_majority_sign(trim_scope):
     stack = torch.tensor([[1.0, 2.0, 4.0], [-1.0, 3.0, 1.0]])
-    assert F.ties_merge(stack).tolist() == [1.0, 2.5, 2.5]
+    assert merge(stack, trim_scope=trim_scope).tolist() == [1.0, 2.5, 2.5]
+
+
+def test_tie_majority_is_counted_over_the_whole_model():
+    # Module "a" ties in its first entry and its own majority is negative; the model's is positive.
+    a = torch.tensor([[1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    b = torch.tensor([[4.0, 5.0, 6.0, 7.0], [1.0, 1.0, 1.0, 1.0]])
+    hp = Hyperparameters(scaling=1.0)
+    assert merge_family(Stacks(a=a, b=b), hp, TIES)["a"].tolist() == [1.0, -1.5, -2.0]
+    module_scope = Hyperparameters(scaling=1.0, trim_scope="module")
+    assert merge_family(Stacks(a=a, b=b), module_scope, TIES)["a"].tolist() == [-1.0, -1.5, -2.0]
 
 
 def test_disjoint_mean_is_zero_where_nothing_agrees():
-    stack = torch.zeros(2, 3)
-    assert F.disjoint_merge(stack, torch.ones(3)).tolist() == [0, 0, 0]
+    total, count = F.agreeing_sum_and_count(torch.zeros(2, 3), torch.ones(3))
+    assert F.finish_disjoint(total, count, "mean").tolist() == [0, 0, 0]
 
 
 def test_dare_drops_and_rescales_reproducibly():
@@ -51,14 +86,20 @@ def test_dare_drops_and_rescales_reproducibly():
 
 
 def test_dare_ties_hand_computed_with_a_known_mask():
-    generator_state = [F.seeded_generator(0, i, "m") for i in range(3)]
-    masks = [torch.rand(4, generator=g) >= 0.5 for g in generator_state]
+    masks = [torch.rand(4, generator=F.seeded_generator(0, i, "m")) >= 0.5 for i in range(3)]
     dropped = torch.stack([X[i] * masks[i] / 0.5 for i in range(3)])
-    expected = F.ties_merge(dropped, top_k=100)
-    hp = Hyperparameters(scaling=1.0, p=0.5, seed=0)
-    stack = torch.stack([F.dare(X[i], 0.5, F.seeded_generator(0, i, "m")) for i in range(3)])
-    merged, _, _ = merge_module(stack, hp, Stages(drop=True, trim=True, elect=True), None, F.majority_sign(F.elect_sign(stack)))
-    assert torch.allclose(merged, expected)
+    merged = merge(X, Stages(drop=True, trim=True, elect=True), p=0.5, seed=0)
+    assert torch.allclose(merged, merge(dropped))
+    # TIES without trimming, by hand: sign of the sum (ties take the majority of the elected signs;
+    # here that majority is itself 0, so, as in the reference, the tied entry selects negatives),
+    # then the mean of the agreeing survivors.
+    signs = torch.sign(dropped.sum(0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    expected = []
+    for column, sign in zip(dropped.T, signs):
+        agreeing = column[column < 0] if sign == 0 else column[column * sign > 0]
+        expected.append(agreeing.mean().item() if agreeing.numel() else 0.0)
+    assert merged.tolist() == expected == [-2.0, -4.0, 0.0, pytest.approx(0.2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
