@@ -1,0 +1,327 @@
+"""Linear CKA between the outputs of task updates, accumulated in one streaming pass (paper Sec. 3, Fig. 2).
+
+Linear CKA (Kornblith et al., ICML 2019, eq. 5) compares two representations ``X`` (N x p) and ``Y``
+(N x q) of the same N inputs, each column-centred::
+
+    CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+
+It is invariant to orthogonal transforms and isotropic scaling of either representation.
+
+**The views.** Per targeted module and for the same inputs ``x`` (the module's inputs in the
+pretrained model), every view is a linear map of ``x``:
+
+- ``lora``: ``dW_i x = s_i B_i (A_i x)``;
+- ``knots``: ``V_i^T x``, where ``[dW_1 .. dW_n] = U S [V_1^T .. V_n^T]`` (paper Fig. 2c). Since ``U``
+  has orthonormal columns, ``V_i^T x = S^-1 U^T dW_i x = S^-1 U^T s_i B_i (A_i x)``. The row-scaled
+  blocks ``S V_i^T`` that the merges act on are *not* used: ``S V_i^T x = U^T dW_i x`` is ``dW_i x``
+  seen through the same isometry for every task, so its CKA equals the ``lora`` view's exactly
+  (``knots_scaled`` computes it, as a check). Dropping ``S`` gives every shared direction unit weight,
+  which is what can make the aligned views agree more than the raw updates;
+- ``full``: ``(W_i - W_0) x``, dense full-finetuning updates.
+
+So each view is ``z_i = P_i c`` for a *code* ``c`` shared by all tasks: the stacked ``[A_1 x; ..; A_n x]``
+(dimension ``n r``) for ``lora`` and ``knots``, and ``x`` itself (dimension ``I``) for ``full``. With
+the code's centred covariance ``C = L L^T``, the output cross-covariance is ``P_i C P_j^T = Y_i Y_j^T``
+(``Y_i = P_i L``), and ``||Y_i Y_j^T||_F^2 = <H_i, H_j>_F`` with ``H_i = L^T P_i^T P_i L``. Hence
+
+    CKA_ij = <H_i, H_j> / (||H_i|| ||H_j||),
+
+which needs only the code's running mean and covariance (streamed over the inputs) and each task's
+Gram ``P_i^T P_i`` (``s_i^2 B_i^T B_i`` for ``lora``: r x r).
+
+**Memory** per module, independent of the number of inputs: ``(n r)^2 + n r`` accumulated floats for
+``lora`` and ``knots`` together, and ``I^2 + I`` for ``full`` (independent of the number of tasks). At
+``result()``, ``n`` matrices of the code's size are formed transiently. Inputs are rows: every token of
+a sequence is one row (padding removed with ``mask``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from knots.lora import LoraModule
+from knots.merging.alignment import SINGULAR_VALUE_TOLERANCE, ModuleAlignment, align_factored, factor_pairs
+
+VIEWS = ("lora", "knots", "full")
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float64)
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two representations ``(N, p)`` and ``(N, q)`` of the same N inputs (batch)."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"representations of different inputs: {x.shape[0]} and {y.shape[0]} rows")
+    x, y = _centre(x), _centre(y)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(cross / norm) if norm > 0 else float("nan")
+
+
+def cka_matrix(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The n x n linear CKA of every pair of representations ``(N, d_i)`` (batch reference)."""
+    n = len(features)
+    out = torch.empty((n, n), dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            out[i, j] = out[j, i] = linear_cka(features[i], features[j])
+    return out
+
+
+class MomentAccumulator:
+    """Running count, mean and centred scatter of code vectors, merged batch by batch (float64).
+
+    Batches are combined with the parallel update of Chan, Golub and LeVeque (1979), which keeps the
+    centring exact without subtracting large uncentred moments.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.scatter = torch.zeros((dim, dim), dtype=torch.float64)
+
+    def update(self, codes: torch.Tensor) -> None:
+        codes = codes.detach().to(device="cpu", dtype=torch.float64).reshape(-1, self.mean.numel())
+        m = codes.shape[0]
+        if m == 0:
+            return
+        batch_mean = codes.mean(dim=0)
+        centred = codes - batch_mean
+        delta = batch_mean - self.mean
+        total = self.count + m
+        self.scatter += centred.T @ centred + torch.outer(delta, delta) * (self.count * m / total)
+        self.mean += delta * (m / total)
+        self.count = total
+
+    def covariance(self) -> torch.Tensor:
+        """The centred covariance (scatter / count)."""
+        if self.count == 0:
+            raise ValueError("no inputs were accumulated")
+        return self.scatter / self.count
+
+
+@dataclass(frozen=True)
+class TaskMap:
+    """One task's view ``z = P c[start:stop]`` of the code, given by its Gram ``P^T P``."""
+
+    start: int
+    stop: int
+    gram: torch.Tensor
+
+
+def covariance_root(covariance: torch.Tensor, tolerance: float = 1e-12) -> torch.Tensor:
+    """``L`` with ``L L^T = covariance`` (PSD), keeping eigen-directions above ``tolerance`` x the largest."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.to(torch.float64))
+    top = eigenvalues.max().clamp_min(0.0)
+    keep = eigenvalues > tolerance * top if top > 0 else eigenvalues > 0
+    return eigenvectors[:, keep] * eigenvalues[keep].sqrt()
+
+
+def cka_from_covariance(covariance: torch.Tensor, maps: Sequence[TaskMap | None]) -> torch.Tensor:
+    """The n x n CKA of the views ``P_i c`` from the code's centred covariance and each view's Gram.
+
+    A view that is zero (``None`` or a zero Gram: a module the task does not target) has NaN CKA.
+    """
+    root = covariance_root(covariance)
+    spectra = []
+    for task_map in maps:
+        if task_map is None:
+            spectra.append(None)
+            continue
+        block = root[task_map.start:task_map.stop]
+        spectra.append(block.T @ task_map.gram.to(torch.float64) @ block)
+    n = len(maps)
+    out = torch.full((n, n), float("nan"), dtype=torch.float64)
+    norms = [None if h is None else torch.linalg.matrix_norm(h) for h in spectra]
+    for i in range(n):
+        for j in range(i, n):
+            if spectra[i] is None or spectra[j] is None or norms[i] == 0 or norms[j] == 0:
+                continue
+            out[i, j] = out[j, i] = (spectra[i] * spectra[j]).sum() / (norms[i] * norms[j])
+    return out
+
+
+@dataclass
+class CodeStream:
+    """Views that are linear maps of one code ``c = code_map @ x`` (``code_map`` None: ``c = x``)."""
+
+    code_map: torch.Tensor | None
+    views: dict[str, list[TaskMap | None]]
+    moments: MomentAccumulator
+
+    def update(self, inputs: torch.Tensor) -> None:
+        codes = inputs if self.code_map is None else inputs @ self.code_map.T.to(device=inputs.device, dtype=inputs.dtype)
+        self.moments.update(codes)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        covariance = self.moments.covariance()
+        return {name: cka_from_covariance(covariance, maps) for name, maps in self.views.items()}
+
+
+@dataclass
+class ModuleCKA:
+    """The CKA views of one module, fed with the module's inputs batch by batch."""
+
+    in_features: int
+    streams: list[CodeStream] = field(default_factory=list)
+
+    @property
+    def views(self) -> list[str]:
+        return [name for stream in self.streams for name in stream.views]
+
+    @property
+    def accumulated_floats(self) -> int:
+        """Floats held by the accumulators (independent of the number of inputs)."""
+        return sum(s.moments.scatter.numel() + s.moments.mean.numel() for s in self.streams)
+
+    def update(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs ``(..., in_features)``; ``mask`` (``inputs.shape[:-1]``) keeps real tokens."""
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(f"inputs have {inputs.shape[-1]} features, the module takes {self.in_features}")
+        rows = inputs.detach().reshape(-1, self.in_features)
+        if mask is not None:
+            rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+        for stream in self.streams:
+            stream.update(rows)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for stream in self.streams:
+            out.update(stream.result())
+        return out
+
+
+def knots_projections(row: Sequence[LoraModule | None], alignment: ModuleAlignment, scaled: bool = False) -> list[torch.Tensor | None]:
+    """Each task's ``S^-1 U^T s_i B_i`` (``scaled``: ``U^T s_i B_i``): its KnOTS view of ``A_i x``."""
+    U = alignment.U.to(torch.float64)
+    inverse = torch.ones_like(alignment.singular_values, dtype=torch.float64) if scaled else 1.0 / alignment.singular_values.to(torch.float64)
+    return [None if lora is None else inverse[:, None] * (U.T @ lora.scaled_B(torch.float64)) for lora in row]
+
+
+def module_cka(
+    row: Sequence[LoraModule | None],
+    views: Sequence[str] = ("lora", "knots"),
+    full_deltas: Sequence[torch.Tensor | None] | None = None,
+    alignment: ModuleAlignment | None = None,
+    knots_scaled: bool = False,
+    tolerance: float = SINGULAR_VALUE_TOLERANCE,
+) -> ModuleCKA:
+    """The CKA accumulator of one module from its tasks' LoRA factors (``None``: task not targeted).
+
+    ``full_deltas``: each task's dense ``W_i - W_0`` (``(out, in)``), needed for the ``full`` view.
+    ``alignment``: the module's column KnOTS alignment; computed here in float64 when not given.
+    """
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown CKA view {unknown[0]!r}; expected one of {', '.join(VIEWS)}")
+    present = [lora for lora in row if lora is not None]
+    if not present and any(v in views for v in ("lora", "knots")):
+        raise ValueError("no task targets this module")
+    in_features = present[0].shape[1] if present else next(d for d in full_deltas or [] if d is not None).shape[1]
+    module = ModuleCKA(in_features=in_features)
+    low_rank = [v for v in views if v in ("lora", "knots")]
+    if low_rank:
+        slices, offset = [], 0
+        for lora in row:
+            slices.append(None if lora is None else (offset, offset + lora.rank))
+            offset += 0 if lora is None else lora.rank
+        code_map = torch.cat([lora.A.to(torch.float64) for lora in present], dim=0)
+        stream_views: dict[str, list[TaskMap | None]] = {}
+        if "lora" in low_rank:
+            stream_views["lora"] = [
+                None if lora is None else TaskMap(*span, lora.scaled_B(torch.float64).T @ lora.scaled_B(torch.float64))
+                for lora, span in zip(row, slices)
+            ]
+        if "knots" in low_rank:
+            if alignment is None:
+                alignment = align_factored(factor_pairs(list(row), "column", torch.float64), tolerance)
+            projections = knots_projections(row, alignment, knots_scaled)
+            stream_views["knots"] = [None if p is None else TaskMap(*span, p.T @ p) for p, span in zip(projections, slices)]
+        module.streams.append(CodeStream(code_map, stream_views, MomentAccumulator(code_map.shape[0])))
+    if "full" in views:
+        if full_deltas is None or len(full_deltas) != len(row):
+            raise ValueError("the 'full' view needs one full-finetuning update W_i - W_0 per task")
+        grams = [None if d is None else d.to(torch.float64).T @ d.to(torch.float64) for d in full_deltas]
+        maps = [None if g is None else TaskMap(0, in_features, g) for g in grams]
+        module.streams.append(CodeStream(None, {"full": maps}, MomentAccumulator(in_features)))
+    return module
+
+
+@dataclass
+class CKAResult:
+    """CKA matrices per view: averaged over modules (NaN entries skipped) and per module."""
+
+    tasks: list[str]
+    mean: dict[str, torch.Tensor]
+    per_module: dict[str, dict[str, torch.Tensor]]
+    inputs: int
+
+    def mean_offdiagonal(self, view: str) -> float:
+        """The average pairwise CKA between different tasks (the number the paper's Fig. 2 contrasts)."""
+        matrix = self.mean[view]
+        n = matrix.shape[0]
+        values = matrix[~torch.eye(n, dtype=torch.bool)]
+        values = values[~values.isnan()]
+        return float(values.mean()) if values.numel() else float("nan")
+
+    def to_json(self) -> dict:
+        """JSON-ready: tasks, per-view mean matrices and average pairwise CKA, module and input counts."""
+        def plain(matrix: torch.Tensor) -> list[list[float | None]]:
+            return [[None if v != v else round(float(v), 6) for v in row] for row in matrix.tolist()]
+
+        return {
+            "tasks": self.tasks,
+            "views": {view: plain(matrix) for view, matrix in self.mean.items()},
+            "mean_pairwise": {view: self.mean_offdiagonal(view) for view in self.mean},
+            "modules": len(self.per_module),
+            "inputs": self.inputs,
+        }
+
+
+class CKAAccumulator:
+    """CKA accumulators for a set of modules, fed with each module's inputs; averaged over modules."""
+
+    def __init__(self, tasks: Sequence[str], modules: Mapping[str, ModuleCKA]) -> None:
+        self.tasks = list(tasks)
+        self.modules = dict(modules)
+
+    @property
+    def accumulated_floats(self) -> int:
+        return sum(m.accumulated_floats for m in self.modules.values())
+
+    def update(self, module: str, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        self.modules[module].update(inputs, mask)
+
+    def result(self) -> CKAResult:
+        per_module = {name: module.result() for name, module in self.modules.items()}
+        views = {v for result in per_module.values() for v in result}
+        mean = {}
+        for view in [v for v in VIEWS if v in views]:
+            stack = torch.stack([result[view] for result in per_module.values() if view in result])
+            mean[view] = stack.nanmean(dim=0)
+        counts = {m.streams[0].moments.count for m in self.modules.values() if m.streams}
+        return CKAResult(tasks=self.tasks, mean=mean, per_module=per_module, inputs=max(counts, default=0))
+
+
+def cka_accumulator(
+    taskset,
+    views: Sequence[str] = ("lora", "knots"),
+    full_deltas: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+    modules: Sequence[str] | None = None,
+    knots_scaled: bool = False,
+) -> CKAAccumulator:
+    """Accumulators for every module of a :class:`~knots.merging.TaskSet` (or the ``modules`` given).
+
+    ``full_deltas[module]``: each task's ``W_i - W_0`` for the ``full`` view.
+    """
+    names = list(taskset.modules if modules is None else modules)
+    built = {
+        name: module_cka(taskset.factors[name], views, None if full_deltas is None else full_deltas[name], knots_scaled=knots_scaled)
+        for name in names
+    }
+    return CKAAccumulator(taskset.tasks, built)
