@@ -86,10 +86,13 @@ class MomentAccumulator:
         self.scatter = torch.zeros((dim, dim), dtype=torch.float64)
 
     def update(self, codes: torch.Tensor) -> None:
-        codes = codes.detach().to(device="cpu", dtype=torch.float64).reshape(-1, self.mean.numel())
+        """Add rows of codes; the running state lives on the codes' device (float64)."""
+        codes = codes.detach().to(torch.float64).reshape(-1, self.mean.numel())
         m = codes.shape[0]
         if m == 0:
             return
+        if self.mean.device != codes.device:
+            self.mean, self.scatter = self.mean.to(codes.device), self.scatter.to(codes.device)
         batch_mean = codes.mean(dim=0)
         centred = codes - batch_mean
         delta = batch_mean - self.mean
@@ -99,10 +102,10 @@ class MomentAccumulator:
         self.count = total
 
     def covariance(self) -> torch.Tensor:
-        """The centred covariance (scatter / count)."""
+        """The centred covariance (scatter / count), on the CPU."""
         if self.count == 0:
             raise ValueError("no inputs were accumulated")
-        return self.scatter / self.count
+        return (self.scatter / self.count).cpu()
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,9 @@ class CodeStream:
     moments: MomentAccumulator
 
     def update(self, inputs: torch.Tensor) -> None:
-        codes = inputs if self.code_map is None else inputs @ self.code_map.T.to(device=inputs.device, dtype=inputs.dtype)
+        dtype = torch.promote_types(inputs.dtype, torch.float32)  # never form codes in half precision
+        inputs = inputs.to(dtype)
+        codes = inputs if self.code_map is None else inputs @ self.code_map.T.to(device=inputs.device, dtype=dtype)
         self.moments.update(codes)
 
     def result(self) -> dict[str, torch.Tensor]:
