@@ -16,7 +16,8 @@ pretrained model), every view is a linear map of ``x``:
   blocks ``S V_i^T`` that the merges act on are *not* used: ``S V_i^T x = U^T dW_i x`` is ``dW_i x``
   seen through the same isometry for every task, so its CKA equals the ``lora`` view's exactly
   (``knots_scaled`` computes it, as a check). Dropping ``S`` gives every shared direction unit weight,
-  which is what can make the aligned views agree more than the raw updates;
+  which is what can make the aligned views agree more than the raw updates. (The reference code,
+  gstoica27/KnOTS, has no CKA script to compare with.);
 - ``full``: ``(W_i - W_0) x``, dense full-finetuning updates.
 
 So each view is ``z_i = P_i c`` for a *code* ``c`` shared by all tasks: the stacked ``[A_1 x; ..; A_n x]``
@@ -227,7 +228,10 @@ def module_cka(
     present = [lora for lora in row if lora is not None]
     if not present and any(v in views for v in ("lora", "knots")):
         raise ValueError("no task targets this module")
-    in_features = present[0].shape[1] if present else next(d for d in full_deltas or [] if d is not None).shape[1]
+    given = [d for d in full_deltas or [] if d is not None]
+    if not present and not given:
+        raise ValueError("no task updates this module")
+    in_features = present[0].shape[1] if present else given[0].shape[1]
     module = ModuleCKA(in_features=in_features)
     low_rank = [v for v in views if v in ("lora", "knots")]
     if low_rank:

@@ -202,6 +202,8 @@ def test_bad_inputs_are_refused():
         module_cka(row, ("lora", "nope"))
     with pytest.raises(ValueError, match="one full-finetuning update"):
         module_cka(row, ("full",))
+    with pytest.raises(ValueError, match="no task updates"):
+        module_cka([None, None], ("full",), full_deltas=[None, None])
     module = module_cka(row, ("lora",))
     with pytest.raises(ValueError, match="features"):
         module.update(torch.zeros(2, 5))
