@@ -16,8 +16,8 @@ pretrained model), every view is a linear map of ``x``:
   blocks ``S V_i^T`` that the merges act on are *not* used: ``S V_i^T x = U^T dW_i x`` is ``dW_i x``
   seen through the same isometry for every task, so its CKA equals the ``lora`` view's exactly
   (``knots_scaled`` computes it, as a check). Dropping ``S`` gives every shared direction unit weight,
-  which is what can make the aligned views agree more than the raw updates. (The reference code,
-  gstoica27/KnOTS, has no CKA script to compare with.);
+  which is what can make the aligned views agree more than the raw updates (the reference code,
+  gstoica27/KnOTS, has no CKA script to compare with);
 - ``full``: ``(W_i - W_0) x``, dense full-finetuning updates.
 
 So each view is ``z_i = P_i c`` for a *code* ``c`` shared by all tasks: the stacked ``[A_1 x; ..; A_n x]``
