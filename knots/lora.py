@@ -61,6 +61,12 @@ class LoraModule:
         return self.scaled_B(dtype) @ A
 
 
+def parameter_layout(delta: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """An ``(out, in)`` update in the layout of the base parameter it is added to (transposed for
+    ``fan_in_fan_out`` layers such as GPT-2's ``Conv1D``)."""
+    return delta.T if fan_in_fan_out else delta
+
+
 @dataclass
 class LoraAdapter:
     """A LoRA adapter as factors per module, plus the config it was read from."""
@@ -73,6 +79,10 @@ class LoraAdapter:
     @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
+
+    def delta_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``{"<module>.weight": dW}``: the adapter's update in the base model's parameter layout."""
+        return {f"{name}.weight": parameter_layout(m.delta(dtype), m.fan_in_fan_out) for name, m in self.modules.items()}
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

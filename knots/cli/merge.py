@@ -22,7 +22,8 @@ from knots.errors import ConfigError, KnotsError
 from knots.lora import LoraAdapter, load_adapter
 from knots.merging import Hyperparameters, Ingredients, MergeResult, MergeSession, get_method, method_names
 from knots.merging.export import atomic_directory, check_output_dir, write_merge_outputs
-from knots.merging.registry import config_dir
+from knots.methods.config import METADATA_KEYS
+from knots.config.resources import config_dir
 
 PROGRAM = "knots-merge"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -31,7 +32,7 @@ SVD_PATHS = ("factored", "dense")
 
 def hyperparameters(method_cfg: DictConfig) -> Hyperparameters:
     fields = {key: method_cfg[key] for key in Hyperparameters.__dataclass_fields__ if key in method_cfg}
-    unknown = sorted(set(method_cfg) - set(Hyperparameters.__dataclass_fields__) - {"name"})
+    unknown = sorted(set(method_cfg) - set(Hyperparameters.__dataclass_fields__) - set(METADATA_KEYS))
     if unknown:
         raise ConfigError(f"unknown method option(s) {', '.join('method.' + u for u in unknown)}")
     return Hyperparameters(**fields)

@@ -1,7 +1,9 @@
 """LoRA finetuning of one adapter per task, cached and resumable.
 
-The encoder is trained CLIP-style against the task's frozen class heads (cross-entropy on
-``logit_scale * cos``). A finished adapter is a PEFT directory under
+The encoder is trained with cross-entropy on its task's head: a frozen zero-shot head (CLIP-style,
+``100 * cos``), or a trained head that is learned together with the LoRA and saved with it as a PEFT
+``modules_to_save`` module (every task starts from the same seeded head). A finished adapter is a PEFT
+directory under
 ``<cache_dir>/adapters/<task>-<key>``, where ``key`` hashes everything that changes the result
 (model, task definition, training settings); it is reused, never retrained. During training a
 checkpoint (LoRA weights, optimizer, schedule, RNG, early-stopping state) is written atomically
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from knots.data.tasks import Example, TaskData
 from knots.errors import ConfigError
+from knots.heads import Head, head_logits, init_head_module
 from knots.models.base import Backbone
 from knots.pipeline.io import atomic_dir, torch_save, write_json
 from knots.pipeline.logger import NullLogger
@@ -167,10 +170,37 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+@dataclass(frozen=True)
+class TrainedHeadSpec:
+    """A head to train with the LoRA: an ``nn.Linear`` at ``encoder.<module>`` with ``num_classes``
+    outputs, seeded with ``seed`` (the same for every task), classes outside ``mask`` at ``-inf``."""
+
+    module: str
+    num_classes: int
+    bias: bool = False
+    seed: int = 0
+    mask: torch.Tensor | None = None
+
+
+#: What a task is trained against: its frozen zero-shot head, or a head trained with the LoRA.
+TrainingHead = Head | TrainedHeadSpec
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def head_of(model: nn.Module, head: TrainingHead) -> Logits:
+    """``features -> logits`` of the model being trained (for a trained head, its live parameters)."""
+    if isinstance(head, Head):
+        frozen = head.to(next(model.parameters()).device)
+        return lambda features: frozen.logits(nn.functional.normalize(features, dim=-1))
+    wrapper = model.get_submodule(f"base_model.model.{head.module}")
+    linear = wrapper.modules_to_save[wrapper.active_adapters[0]] if hasattr(wrapper, "modules_to_save") else wrapper
+    return lambda features: head_logits(features, linear.weight, linear.bias, 1.0, head.mask)
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, backbone: Backbone, examples: Sequence[Example], heads: torch.Tensor,
+def accuracy(model: nn.Module, backbone: Backbone, examples: Sequence[Example], logits_of: Logits,
              batch_size: int, precision: str = "fp32", num_workers: int = 0) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``examples`` against ``heads``; the model's train/eval mode is kept."""
+    """Top-1 accuracy (%) of ``model`` on ``examples`` through its head; the model's train/eval mode is kept."""
     was_training = model.training
     model.eval()
     inputs = [x for x, _ in examples]
@@ -179,8 +209,8 @@ def accuracy(model: nn.Module, backbone: Backbone, examples: Sequence[Example], 
     correct = 0
     for idx, batch in collated_batches(backbone, inputs, chunks, num_workers):
         with autocast(precision, backbone.device):
-            feats = model(_to_device(batch, backbone.device))
-        correct += int((feats.float() @ heads.float().T).argmax(1).cpu().eq(labels[idx]).sum())
+            logits = logits_of(model(_to_device(batch, backbone.device)))
+        correct += int(logits.float().argmax(1).cpu().eq(labels[idx]).sum())
     model.train(was_training)
     return 100.0 * correct / max(1, len(inputs))
 
@@ -217,10 +247,16 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def peft_encoder(backbone: Backbone, lora: Any, seed: int) -> nn.Module:
-    """A copy of the backbone's encoder with fresh (seeded) LoRA layers; the original stays untouched."""
+def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None) -> nn.Module:
+    """A copy of the backbone's encoder with fresh (seeded) LoRA layers and, for a trained head, a
+    fresh seeded head at ``<copy>.<head.module>`` saved by PEFT as ``modules_to_save``; the original
+    encoder stays untouched."""
     from peft import LoraConfig, get_peft_model
 
+    encoder = copy.deepcopy(backbone.encoder)
+    if head is not None:
+        setattr(encoder, head.module, init_head_module(backbone.feature_dim, head.num_classes, head.seed, head.bias)
+                .to(device=backbone.device))
     torch.manual_seed(seed)
     config = LoraConfig(
         r=lora.r,
@@ -229,8 +265,9 @@ def peft_encoder(backbone: Backbone, lora: Any, seed: int) -> nn.Module:
         target_modules=list(lora.target_modules),
         use_rslora=lora.use_rslora,
         bias="none",
+        modules_to_save=[head.module] if head is not None else None,
     )
-    return get_peft_model(copy.deepcopy(backbone.encoder), config)
+    return get_peft_model(encoder, config)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -240,7 +277,7 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def finetune(
     backbone: Backbone,
     task: TaskData,
-    heads: torch.Tensor,
+    head: TrainingHead,
     lora: Any,
     cfg: Any,
     out_dir: Path,
@@ -266,7 +303,8 @@ def finetune(
     precision = resolve_precision(cfg.precision, device)
     evaluating = bool(cfg.eval_every)
 
-    model = peft_encoder(backbone, lora, cfg.seed)
+    model = peft_encoder(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None)
+    logits_of = head_of(model, head)
     params = _trainable(model)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
@@ -289,7 +327,6 @@ def finetune(
     else:
         torch.manual_seed(cfg.seed)
 
-    heads = heads.to(device)
     inputs = [x for x, _ in task.train]
     labels = torch.tensor([y for _, y in task.train])
     prefix = f"train/{task.name}/"
@@ -302,8 +339,7 @@ def finetune(
     stop = False
     for idx, batch in batches:
         with autocast(precision, device):
-            feats = nn.functional.normalize(model(_to_device(batch, device)), dim=-1)
-            logits = backbone.logit_scale * feats @ heads.T
+            logits = logits_of(model(_to_device(batch, device)))
             target = labels[idx].to(logits.device)
             loss = nn.functional.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
@@ -322,7 +358,7 @@ def finetune(
             acc = (logits.argmax(1) == target).float().mean().item() * 100
             logger.log({f"{prefix}step": step, f"{prefix}loss": loss.item(), f"{prefix}acc": acc, f"{prefix}lr": sched.get_last_lr()[0]})
         if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val = accuracy(model, backbone, task.validation, heads, cfg.eval_batch_size, precision, cfg.num_workers)
+            val = accuracy(model, backbone, task.validation, logits_of, cfg.eval_batch_size, precision, cfg.num_workers)
             best.update(step, val, params)
             logger.log({f"{prefix}step": step, f"{prefix}val_acc": val, f"{prefix}best_val_acc": best.accuracy})
             stop = bool(cfg.patience) and best.bad_evals >= cfg.patience
