@@ -19,7 +19,7 @@ from knots.config.schema import RunConfig
 from knots.methods import MergeInputs
 from knots.modelpool import ModelPool
 from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path
-from knots.pipeline.finetune import plain_for_key
+from knots.pipeline.cache import plain_for_key
 from knots.pipeline.logger import make_logger
 from knots.pipeline.report import results_table, write_results
 from knots.pipeline.stages import analyses_stage, finetune_stage, merge_and_test

@@ -23,7 +23,9 @@ from knots.methods import MergeInputs, TaskAdapter, get_method, method_config
 from knots.metrics import selection_score
 from knots.modelpool import ModelPool, given_adapters
 from knots.pipeline.evaluate import Evaluator
-from knots.pipeline.finetune import adapter_dir, cache_key, finetune, resolve_precision
+from knots.pipeline.cache import adapter_dir, cache_key
+from knots.pipeline.finetune import finetune
+from knots.pipeline.training import resolve_precision
 from knots.pipeline.logger import NullLogger
 from knots.pipeline.search import SearchResult, select
 from knots.taskpool import TaskPool

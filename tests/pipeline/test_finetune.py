@@ -11,7 +11,9 @@ from knots.data.tasks import TaskData
 from knots.heads import ZERO_SHOT_SCALE, Head
 from knots.lora import load_adapter
 from knots.models.text import TextBackbone
-from knots.pipeline.finetune import batch_indices, finetune, is_complete
+from knots.pipeline.cache import is_complete
+from knots.pipeline.finetune import finetune
+from knots.pipeline.training import batch_indices
 from tests.pipeline.helpers import NEGATIVE, POSITIVE
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]

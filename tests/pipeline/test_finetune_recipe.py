@@ -17,8 +17,9 @@ from knots.heads import ZERO_SHOT_SCALE, Head
 from knots.lora import load_adapter
 from knots.models.apply import applied
 from knots.models.base import Backbone
-from knots.pipeline.finetune import (StepBatches, accuracy, batch_indices, cache_key, collated_batches, finetune, head_of,
-                                     plain_for_key, resolve_precision)
+from knots.pipeline.cache import cache_key, plain_for_key
+from knots.pipeline.finetune import finetune, head_of
+from knots.pipeline.training import StepBatches, accuracy, batch_indices, collated_batches, resolve_precision
 
 DIM, CLASSES = 8, 4
 LORA = LoraSettings(r=4, alpha=4, dropout=0.0, target_modules=["proj"])
