@@ -185,7 +185,7 @@ def _split_flags(argv: list[str]) -> tuple[list[str], bool] | None:
 def check_arguments(argv: list[str]) -> str | None:
     """The problem with an argument that is no ``key=value`` override (often an unquoted space)."""
     for argument in argv:
-        if argument.startswith("-") or argument.startswith("~") or "=" in argument:
+        if argument.startswith("~") or "=" in argument:
             continue
         return (
             f"argument {argument!r} is not a key=value setting; a path with spaces must be quoted, "
@@ -225,13 +225,13 @@ def check_composition(program: str, config_dir: str, config_name: str, argv: lis
     the sweep at once instead of halfway. Other Hydra flags (``--help``, ``--cfg``...) go straight
     to Hydra. ``register`` stores the config schemas (Hydra's ConfigStore) before composing.
     """
-    problem = check_arguments(argv)
-    if problem:
-        fail(program, problem)
     split = _split_flags(argv)
     if split is None:
         return
     overrides, multirun = split
+    problem = check_arguments(overrides)
+    if problem:
+        fail(program, problem)
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
