@@ -34,6 +34,7 @@ SPLIT_ROLES = ("train", "validation", "test")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEAD_KINDS = ("zero_shot", "trained")
 STAGES = ("all", "finetune")
+FINETUNE_MODES = ("lora", "full")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -241,7 +242,8 @@ class FinetuneConfig:
     improvement (null/0: train all ``steps``). ``precision``: ``fp32``, or mixed precision on CUDA
     (``bf16``; ``fp16`` with loss scaling); ``auto`` picks bf16 where supported, else fp16, and fp32
     off CUDA. ``num_workers``: DataLoader processes that decode and preprocess training batches
-    (0: in the training process); the batches are the same either way.
+    (0: in the training process); the batches are the same either way. ``mode``: ``lora``, or ``full``
+    (the dense weights of the same target modules, for the CKA analysis's full-finetuning view).
 
     Fields marked ``cache_key=False`` do not change the trained adapter and stay out of its cache key;
     ``cache_key="non_default"`` ones enter it only when set, so older adapters keep their keys.
@@ -261,8 +263,10 @@ class FinetuneConfig:
     patience: int | None = field(default=None, metadata={"cache_key": "non_default"})
     precision: str = field(default="auto", metadata={"cache_key": False})  # the resolved one is keyed
     num_workers: int = field(default=0, metadata={"cache_key": False})
+    mode: str = field(default="lora", metadata={"cache_key": "non_default"})
 
     def validate(self) -> None:
+        _check(self.mode in FINETUNE_MODES, f"unknown finetune.mode {self.mode!r}; expected one of {FINETUNE_MODES}")
         _check(self.steps >= 1, f"finetune.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
@@ -367,6 +371,9 @@ class RunConfig:
         from knots.methods.config import ensure_registered
 
         _check(self.stage in STAGES, f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        _check(self.finetune.mode == "lora" or self.stage == "finetune",
+               "finetune.mode=full trains full-finetuning updates, which only the cka analysis reads (merging needs "
+               "LoRA adapters): use it with stage=finetune to fill the cache")
         for m in {*self.methods, *self.method_params} - {"all"}:
             ensure_registered(m, self.config_dirs)
         for a in self.analyses:

@@ -13,6 +13,9 @@ With ``eval_every`` the validation accuracy is measured during training and the 
 the last) becomes the adapter; ``patience`` stops training after that many evaluations without
 improvement. On CUDA, ``precision`` runs forward passes under autocast (bf16, or fp16 with loss
 scaling). ``num_workers > 0`` decodes and collates batches in DataLoader workers, in the same order.
+
+``finetune.mode=full`` trains the dense weights of the same target modules instead of a LoRA
+(:mod:`knots.pipeline.full`), with the same recipe and cache.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def head_of(model: nn.Module, head: TrainingHead) -> Logits:
     if isinstance(head, Head):
         frozen = head.to(next(model.parameters()).device)
         return lambda features: frozen.logits(nn.functional.normalize(features, dim=-1))
-    wrapper = model.get_submodule(f"base_model.model.{head.module}")
+    wrapper = model.get_submodule(f"base_model.model.{head.module}" if hasattr(model, "peft_config") else head.module)
     linear = wrapper.modules_to_save[wrapper.active_adapters[0]] if hasattr(wrapper, "modules_to_save") else wrapper
     return lambda features: head_logits(features, linear.weight, linear.bias, 1.0, head.mask)
 
@@ -125,7 +128,16 @@ def finetune(
     precision = resolve_precision(cfg.precision, device)
     evaluating = bool(cfg.eval_every)
 
-    model = peft_encoder(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None)
+    spec = head if isinstance(head, TrainedHeadSpec) else None
+    if getattr(cfg, "mode", "lora") == "full":  # dense target weights (knots.pipeline.full), same recipe
+        from knots.pipeline.full import full_encoder, save_full_update
+
+        torch.manual_seed(cfg.seed)
+        model = full_encoder(backbone, lora, spec)
+        save = lambda directory: save_full_update(model, backbone.encoder, directory, spec and spec.module)  # noqa: E731
+    else:
+        model = peft_encoder(backbone, lora, cfg.seed, spec)
+        save = lambda directory: model.save_pretrained(str(directory))  # noqa: E731
     logits_of = head_of(model, head)
     params = _trainable(model)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -213,7 +225,7 @@ def finetune(
         **(meta or {}),
     }
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
+        save(tmp)
         write_json(tmp / META_NAME, info)
     shutil.rmtree(partial, ignore_errors=True)
     return {**info, "reused": False}

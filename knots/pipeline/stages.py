@@ -102,7 +102,8 @@ def test_method(selection: Selection, inputs: MergeInputs, evaluator: Evaluator)
     """The selected model of a method on test data: the ``methods.<name>`` block of results.json."""
     candidate = get_method(selection.method).build(inputs, **selection.params)
     test = evaluator.summary("test", candidate, f"{selection.method} test")
-    return {"hyperparameters": selection.params, **test, "val_score": selection.score}
+    search = [{"params": params, "val_score": score} for params, score in selection.history]
+    return {"hyperparameters": selection.params, **test, "val_score": selection.score, "search": search}
 
 
 def merge_and_test(methods: Sequence[str], inputs: MergeInputs, evaluator: Evaluator, cfg: Any, logger: NullLogger,

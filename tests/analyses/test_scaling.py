@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from knots.analysis.scaling import (
+from knots.analyses.scaling import (
     enumerate_subsets,
     subset_score,
     subsets_of_size,
@@ -46,7 +46,7 @@ def test_sampling_is_seeded_and_deterministic_across_processes():
     assert first == subsets_of_size(TASKS, 4, 28, seed=0)
     assert first != subsets_of_size(TASKS, 4, 28, seed=1)
     # a fresh interpreter (another hash seed) draws the same subsets
-    code = "from knots.analysis.scaling import subsets_of_size as s; import json; print(json.dumps(s(%r, 4, 28, 0)))" % TASKS
+    code = "from knots.analyses.scaling import subsets_of_size as s; import json; print(json.dumps(s(%r, 4, 28, 0)))" % TASKS
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
     assert [tuple(s) for s in json.loads(out.stdout)] == first
     # a size's sample does not depend on which other sizes are asked for

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from knots.analysis.cka import module_cka
-from knots.analysis.figures import cka_figure, data_axes, per_task_figure, save_figure, scaling_figure, search_figure, searched_parameters
-from knots.analysis.scaling import enumerate_subsets, subset_score, summarize_scaling
-from tests.analysis.test_cka import lora_row
+from knots.analyses.cka import module_cka
+from knots.analyses.figures import cka_figure, data_axes, per_task_figure, save_figure, scaling_figure, search_figure, searched_parameters
+from knots.analyses.scaling import enumerate_subsets, subset_score, summarize_scaling
+from tests.analyses.test_cka import lora_row
 
 TASKS = ["cars", "dtd", "eurosat", "gtsrb"]
 

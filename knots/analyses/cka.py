@@ -38,12 +38,18 @@ a sequence is one row (padding removed with ``mask``).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
-from knots.lora import LoraModule
+from knots.analyses import AnalysisContext, register_analysis
+from knots.errors import ConfigError
+from knots.lora import LoraModule, parameter_layout
 from knots.merging.alignment import SINGULAR_VALUE_TOLERANCE, ModuleAlignment, align_factored, factor_pairs
 
 VIEWS = ("lora", "knots", "full")
@@ -261,6 +267,18 @@ def module_cka(
     return module
 
 
+def _plain(value: float) -> float | None:
+    return None if value != value else round(value, 6)
+
+
+def mean_offdiagonal(matrix: torch.Tensor) -> float:
+    """The mean of a CKA matrix's off-diagonal entries (NaN ones skipped; NaN when none is left)."""
+    n = matrix.shape[0]
+    values = matrix[~torch.eye(n, dtype=torch.bool)]
+    values = values[~values.isnan()]
+    return float(values.mean()) if values.numel() else float("nan")
+
+
 @dataclass
 class CKAResult:
     """CKA matrices per view: averaged over modules (NaN entries skipped) and per module."""
@@ -272,11 +290,7 @@ class CKAResult:
 
     def mean_offdiagonal(self, view: str) -> float:
         """The average pairwise CKA between different tasks (the number the paper's Fig. 2 contrasts)."""
-        matrix = self.mean[view]
-        n = matrix.shape[0]
-        values = matrix[~torch.eye(n, dtype=torch.bool)]
-        values = values[~values.isnan()]
-        return float(values.mean()) if values.numel() else float("nan")
+        return mean_offdiagonal(self.mean[view])
 
     def to_json(self) -> dict:
         """JSON-ready: tasks, per-view mean matrices and average pairwise CKA, module and input counts."""
@@ -286,7 +300,7 @@ class CKAResult:
         return {
             "tasks": self.tasks,
             "views": {view: plain(matrix) for view, matrix in self.mean.items()},
-            "mean_pairwise": {view: self.mean_offdiagonal(view) for view in self.mean},
+            "mean_pairwise": {view: _plain(self.mean_offdiagonal(view)) for view in self.mean},
             "modules": len(self.per_module),
             "inputs": self.inputs,
         }
@@ -308,13 +322,18 @@ class CKAAccumulator:
 
     def result(self) -> CKAResult:
         per_module = {name: module.result() for name, module in self.modules.items()}
-        views = {v for result in per_module.values() for v in result}
-        mean = {}
-        for view in [v for v in VIEWS if v in views]:
-            stack = torch.stack([result[view] for result in per_module.values() if view in result])
-            mean[view] = stack.nanmean(dim=0)
         counts = {m.streams[0].moments.count for m in self.modules.values() if m.streams}
-        return CKAResult(tasks=self.tasks, mean=mean, per_module=per_module, inputs=max(counts, default=0))
+        return combine_modules(self.tasks, per_module, max(counts, default=0))
+
+
+def combine_modules(tasks: Sequence[str], per_module: Mapping[str, Mapping[str, torch.Tensor]], inputs: int) -> CKAResult:
+    """Average per-module CKA matrices over modules (NaN entries skipped), view by view."""
+    views = {v for result in per_module.values() for v in result}
+    mean = {}
+    for view in [v for v in VIEWS if v in views]:
+        stack = torch.stack([result[view] for result in per_module.values() if view in result])
+        mean[view] = stack.nanmean(dim=0)
+    return CKAResult(tasks=list(tasks), mean=mean, per_module={k: dict(v) for k, v in per_module.items()}, inputs=inputs)
 
 
 def cka_accumulator(
@@ -334,3 +353,112 @@ def cka_accumulator(
         for name in names
     }
     return CKAAccumulator(taskset.tasks, built)
+
+
+# -- the registered analysis ----------------------------------------------------------------------
+def full_deltas(context: AnalysisContext, overrides: Mapping[str, Any]) -> tuple[dict[str, list[torch.Tensor | None]], list[dict[str, Any]]]:
+    """Every task's full-finetuning update per module, ``(out, in)``: trained with the run's finetuning
+    recipe, ``mode: full`` and ``overrides`` on top (or reused from the adapter cache)."""
+    from knots.pipeline.full import full_finetune_stage
+
+    cfg = context.cfg
+    try:
+        finetune_cfg = dataclasses.replace(cfg.finetune, **{**overrides, "mode": "full"})
+    except TypeError as error:
+        raise ConfigError(f"cka full_finetune: {error}") from None
+    finetune_cfg.validate()
+    zero_shot = None if context.models.trains_heads else context.evaluator.heads
+    updates = full_finetune_stage(context.models, context.tasks, zero_shot, cfg, finetune_cfg, context.logger)
+    taskset = context.inputs.session.taskset
+    by_task = {u.task: u for u in updates}
+    out: dict[str, list[torch.Tensor | None]] = {}
+    for module in taskset.modules:
+        row = []
+        for task in taskset.tasks:
+            delta = by_task[task].delta.get(f"{module}.weight")
+            row.append(None if delta is None else parameter_layout(delta, taskset.fan_in_fan_out(module)))
+        out[module] = row
+    info = [{k: u.info.get(k) for k in ("task", "path", "reused", "resumed_from", "final_loss", "train_seconds")} for u in updates]
+    return out, info
+
+
+@torch.no_grad()
+def stream_inputs(backbone: Any, data: Any, accumulator: CKAAccumulator, progress: bool = False) -> None:
+    """Feed every targeted module's inputs in the pretrained model, over ``data``'s collated batches
+    (a :class:`~knots.taskpool.EvalSet`), to ``accumulator``; padding tokens are masked out."""
+    from tqdm.auto import tqdm
+
+    from knots.models.base import to_device
+
+    named = dict(backbone.encoder.named_modules())
+    mask_box: list[torch.Tensor | None] = [None]
+
+    def hook(name: str):
+        def fn(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            mask = mask_box[0]
+            inputs = args[0]
+            accumulator.update(name, inputs, mask if mask is not None and mask.numel() * inputs.shape[-1] == inputs.numel() else None)
+
+        return fn
+
+    handles = [named[m].register_forward_hook(hook(m)) for m in accumulator.modules]
+    try:
+        backbone.encoder.eval()
+        for batch in tqdm(data.batches, desc="cka inputs", disable=not progress, leave=False):
+            mask_box[0] = backbone.token_mask(batch)
+            backbone.encoder(to_device(batch, backbone.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@register_analysis("cka", reference="Kornblith et al., ICML 2019 (linear CKA); Stoica, Ramesh et al., ICLR 2025, Sec. 3, Fig. 2")
+def cka_analysis(context: AnalysisContext, views: Sequence[str] = VIEWS, full_finetune: Mapping[str, Any] | None = None,
+                 modules_per_pass: int | None = None) -> dict[str, Any]:
+    """Linear CKA between the tasks' update outputs (full finetuning, LoRA, KnOTS) on the validation inputs."""
+    from knots.analyses.figures import cka_figure, write_figures
+
+    unknown = sorted(set(views) - set(VIEWS))
+    views = [v for v in VIEWS if v in views]
+    if unknown or not views:
+        raise ConfigError(f"cka views: expected some of {', '.join(VIEWS)}, got {', '.join(unknown) or 'none'}")
+    if modules_per_pass is not None and modules_per_pass < 1:
+        raise ConfigError(f"cka modules_per_pass must be >= 1 or null, got {modules_per_pass}")
+    seconds: dict[str, float] = {}
+    taskset = context.inputs.session.taskset
+    full, trained = None, []
+    if "full" in views:
+        start = time.perf_counter()
+        full, trained = full_deltas(context, full_finetune or {})
+        seconds["full_finetune"] = time.perf_counter() - start
+    start = time.perf_counter()
+    modules = list(taskset.modules)
+    step = modules_per_pass or len(modules)
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    floats, inputs = 0, 0
+    data = context.evaluator.data["validation"]
+    for begin in range(0, len(modules), step):
+        chunk = modules[begin:begin + step]
+        accumulator = cka_accumulator(taskset, views, full, chunk)
+        floats = max(floats, accumulator.accumulated_floats)
+        stream_inputs(context.models.backbone, data, accumulator, context.cfg.progress)
+        result = accumulator.result()
+        per_module.update(result.per_module)
+        inputs = result.inputs
+    combined = combine_modules(taskset.tasks, per_module, inputs)
+    seconds["cka"] = time.perf_counter() - start
+    out = combined.to_json()
+    out["per_module_pairwise"] = {
+        module: {view: _plain(mean_offdiagonal(matrix)) for view, matrix in matrices.items()} for module, matrices in per_module.items()
+    }
+    out["accumulated_floats"] = floats
+    out["passes"] = -(-len(modules) // step)
+    if trained:
+        out["full_finetuning"] = trained
+    out["seconds"] = seconds
+    figure = cka_figure(out["views"], taskset.tasks)
+    out["files"] = [str(p) for p in write_figures({"cka": figure}, context.directory("cka"), context.logger, "analysis/cka")]
+    for view, matrix in out["views"].items():
+        context.logger.table(f"analysis/cka/{view}", ["task", *taskset.tasks], [[t, *row] for t, row in zip(taskset.tasks, matrix)])
+    context.logger.summary({f"analysis/cka/{view}_mean_pairwise": value for view, value in out["mean_pairwise"].items()})
+    return out

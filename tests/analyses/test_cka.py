@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from knots.analysis.cka import (
+from knots.analyses.cka import (
     MomentAccumulator,
     cka_accumulator,
     cka_matrix,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from knots.merging.fisher import (
+from knots.methods.fisher import (
     DiagonalFisher,
     diagonal_fisher,
     fisher_merge,
@@ -34,7 +34,7 @@ def classifier() -> nn.Linear:
     return layer
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("true", [[3 / 32, 1 / 8], [3 / 32, 1 / 8]]), ("empirical", [[9 / 32, 1 / 8], [9 / 32, 1 / 8]])])
+@pytest.mark.parametrize(("kind", "expected"), [("exact", [[3 / 32, 1 / 8], [3 / 32, 1 / 8]]), ("empirical", [[9 / 32, 1 / 8], [9 / 32, 1 / 8]])])
 def test_fisher_hand_computed(kind, expected):
     model = nn.Sequential(classifier())
     result = diagonal_fisher(model, ["0"], [(X, LABELS)], lambda b: model(b[0]), lambda b: b[0].shape[0], kind=kind, labels_fn=lambda b: b[1])
@@ -78,17 +78,17 @@ def reference_fisher(model: TokenModel, x: torch.Tensor, kind: str, labels: torc
     with torch.no_grad():
         probabilities = torch.softmax(model(x), -1)
     for c in range(3):
-        ys = torch.full((x.shape[0],), c) if kind == "true" else labels
-        w = probabilities[:, c] if kind == "true" else torch.ones(x.shape[0], dtype=torch.float64)
+        ys = torch.full((x.shape[0],), c) if kind == "exact" else labels
+        w = probabilities[:, c] if kind == "exact" else torch.ones(x.shape[0], dtype=torch.float64)
         g = vmap(per_example, in_dims=(None, 0, 0))(params, x, ys)
         for k in total:
             total[k] += (w[:, None, None] * g[f"{k}.weight"] ** 2).sum(0)
-        if kind != "true":
+        if kind != "exact":
             break
     return {k: v / x.shape[0] for k, v in total.items()}
 
 
-@pytest.mark.parametrize("kind", ["true", "empirical"])
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
 def test_hooks_match_per_example_gradients_with_tokens_and_checkpoints(kind):
     model = TokenModel()
     g = torch.Generator().manual_seed(1)
@@ -124,12 +124,12 @@ def test_sampled_fisher_is_seeded_and_unbiased():
     assert torch.equal(run("sampled", 3, 2), run("sampled", 3, 2))
     assert not torch.equal(run("sampled", 3, 2), run("sampled", 4, 2))
     # averaged over many draws of y ~ p(y|x), the sampled estimate approaches the exact expectation
-    assert run("sampled", 0, 400).sum().item() == pytest.approx(run("true", 0, 1).sum().item(), rel=0.05)
+    assert run("sampled", 0, 400).sum().item() == pytest.approx(run("exact", 0, 1).sum().item(), rel=0.05)
 
 
 def test_masked_classes_are_skipped():
     logits = torch.tensor([[0.0, -math.inf, 1.0], [2.0, -math.inf, 0.0]], requires_grad=True)
-    pairs = fisher_targets(logits, "true")
+    pairs = fisher_targets(logits, "exact")
     assert [int(t[0]) for t, _ in pairs] == [0, 2]
     for targets, weights in pairs:
         value = log_likelihood_objective(logits, targets, weights)

@@ -1,0 +1,116 @@
+"""Full finetuning of the LoRA target modules (``finetune.mode=full``): the updates ``W_i - W_0`` that the
+CKA analysis compares with LoRA's (paper Sec. 3, Fig. 2a).
+
+The recipe is LoRA finetuning's (:func:`knots.pipeline.finetune.finetune`: optimizer, schedule, heads,
+checkpoints, early stopping), applied to the dense weights of the modules LoRA targets
+(``model.lora.target_modules``, matched as PEFT matches them); every other weight stays frozen. A finished
+model is cached like an adapter, in ``<cache_dir>/adapters/<task>-<key>`` (its key includes ``mode: full``),
+as ``full_update.safetensors``, ``{"<module>.weight": W_i - W_0}`` in float32 and, with trained heads,
+``head.<module>.weight`` (and ``.bias``), next to ``knots_meta.json``, written last.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from knots.errors import AdapterError
+from knots.heads import init_head_module
+from knots.models.base import Backbone
+
+UPDATE_NAME = "full_update.safetensors"
+HEAD_PREFIX = "head."
+
+
+def target_modules(encoder: nn.Module, lora: Any) -> list[str]:
+    """The modules of ``encoder`` that ``lora.target_modules`` selects, exactly as PEFT selects them."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(r=lora.r, target_modules=list(lora.target_modules))
+    names = [name for name, module in encoder.named_modules()
+             if name and isinstance(getattr(module, "weight", None), torch.Tensor) and check_target_module_exists(config, name)]
+    if not names:
+        raise AdapterError(f"model.lora.target_modules {list(lora.target_modules)} select no module with a weight")
+    return names
+
+
+def full_encoder(backbone: Backbone, lora: Any, head: Any = None) -> nn.Module:
+    """A copy of the backbone's encoder whose target modules' weights (and, for a trained head, a fresh
+    seeded head at ``<copy>.<head.module>``) are the only trainable parameters; the original is untouched."""
+    encoder = copy.deepcopy(backbone.encoder)
+    names = target_modules(encoder, lora)
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    for name in names:
+        encoder.get_submodule(name).weight.requires_grad_(True)
+    if head is not None:
+        setattr(encoder, head.module, init_head_module(backbone.feature_dim, head.num_classes, head.seed, head.bias)
+                .to(device=backbone.device))
+    encoder.knots_full_targets = names  # type: ignore[assignment]
+    return encoder
+
+
+def save_full_update(model: nn.Module, base: nn.Module, directory: Path, head_module: str | None = None) -> None:
+    """Write ``W_i - W_0`` of every target module (and the trained head, if any) to ``directory``."""
+    from knots.atomic import save_safetensors
+
+    tensors = {}
+    for name in model.knots_full_targets:  # type: ignore[attr-defined]
+        trained, original = model.get_submodule(name).weight, base.get_submodule(name).weight
+        tensors[f"{name}.weight"] = (trained.detach().float() - original.detach().float()).cpu().contiguous()
+    if head_module is not None:
+        for key, value in model.get_submodule(head_module).state_dict().items():
+            tensors[f"{HEAD_PREFIX}{head_module}.{key}"] = value.detach().float().cpu().contiguous()
+    save_safetensors(directory / UPDATE_NAME, tensors, metadata={"format": "knots-full-update"})
+
+
+def load_full_update(path: str | Path) -> dict[str, torch.Tensor]:
+    """``{"<module>.weight": W_i - W_0}`` of a finished full-finetuning directory (head tensors left out)."""
+    from safetensors.torch import load_file
+
+    from knots.pipeline.cache import is_complete
+
+    path = Path(path)
+    if not is_complete(path) or not (path / UPDATE_NAME).is_file():
+        raise AdapterError(f"{path}: not a finished full-finetuning update ({UPDATE_NAME} and the metadata file)")
+    return {k: v for k, v in load_file(str(path / UPDATE_NAME)).items() if not k.startswith(HEAD_PREFIX)}
+
+
+@dataclass(frozen=True)
+class FullUpdate:
+    """One task's full-finetuning update ``{"<module>.weight": W_i - W_0}``, with where it came from."""
+
+    task: str
+    path: str
+    delta: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def full_finetune_stage(models: Any, tasks: Any, zero_shot: Any, cfg: Any, finetune_cfg: Any,
+                        logger: Any = None, names: Sequence[str] | None = None) -> list[FullUpdate]:
+    """One full-finetuning update per task (``names``: these tasks only), trained with ``finetune_cfg``
+    (``mode: full``) into the adapter cache, or reused from it."""
+    from knots.pipeline.cache import adapter_dir, cache_key
+    from knots.pipeline.finetune import finetune
+    from knots.pipeline.training import resolve_precision
+
+    assert finetune_cfg.mode == "full"
+    precision = resolve_precision(finetune_cfg.precision, models.backbone.device)
+    chosen = [t for t in tasks.tasks if names is None or t.name in names]
+    out = []
+    for task in tqdm(chosen, desc="full finetune", disable=not cfg.progress):
+        key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], finetune_cfg, task, precision)
+        path = adapter_dir(cfg.paths.cache_dir, task.name, key)
+        head = models.training_head(task, zero_shot, finetune_cfg.seed)
+        info = finetune(models.backbone, task, head, cfg.model.lora, finetune_cfg, path, logger=logger,
+                        progress=cfg.progress, meta={"cache_key": key, "mode": "full"})
+        out.append(FullUpdate(task.name, str(path), load_full_update(path), {**info, "path": str(path), "cache_key": key}))
+    return out
