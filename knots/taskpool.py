@@ -68,7 +68,7 @@ class EvalSet:
         for name in kept:
             sl = self.slices[name]
             start = len(position)
-            position.update((i, len(position) + k) for k, i in enumerate(range(sl.start, sl.stop)))
+            position.update((i, start + k) for k, i in enumerate(range(sl.start, sl.stop)))
             slices[name] = slice(start, len(position))
         out = object.__new__(EvalSet)
         out.split, out.task_names, out.slices = self.split, kept, slices

@@ -87,6 +87,13 @@ def find_runs(paths: Sequence[Path]) -> tuple[list[Run], list[Path]]:
     return runs, failed
 
 
+def job_labels(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each job's label: its overrides that differ across ``paths`` (else its directory's name)."""
+    overrides = {path: read_overrides(path) or () for path in paths}
+    common = set.intersection(*(set(o) for o in overrides.values())) if len(paths) > 1 else set()
+    return {path: " ".join(o for o in items if o not in common) or path.name for path, items in overrides.items()}
+
+
 def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -131,6 +138,31 @@ def flatten(results: dict[str, Any]) -> dict[Key, float | None]:
     walk(("methods",), results["methods"])
     accuracies = [out.get(("finetuned", t, "test_accuracy")) for t in results["finetuned"]]
     out[("finetuned", "avg", "test_accuracy")] = None if None in accuracies or not accuracies else sum(accuracies) / len(accuracies)
+    out.update(analysis_numbers(results.get("analyses") or {}))
+    return out
+
+
+def analysis_numbers(analyses: dict[str, Any]) -> dict[Key, float | None]:
+    """The numbers the report tabulates from the ``analyses`` block: per CKA view, each task's mean CKA
+    with the other tasks and the mean over pairs; per scaling method and size n, the mean over subsets
+    and the half-width of its confidence interval."""
+    out: dict[Key, float | None] = {}
+    cka = analyses.get("cka")
+    if isinstance(cka, dict) and isinstance(cka.get("views"), dict):
+        tasks = cka.get("tasks", [])
+        for view, matrix in cka["views"].items():
+            for i, task in enumerate(tasks):
+                others = [row[i] for j, row in enumerate(matrix) if j != i and row[i] is not None]
+                out[("analyses", "cka", view, task)] = sum(others) / len(others) if others else None
+            out[("analyses", "cka", view, "avg")] = (cka.get("mean_pairwise") or {}).get(view)
+    scaling = analyses.get("scaling")
+    if isinstance(scaling, dict) and isinstance(scaling.get("methods"), dict):
+        for method, points in scaling["methods"].items():
+            for point in points:
+                n = str(point["n"])
+                out[("analyses", "scaling", method, n, "mean")] = point["mean"]
+                low, high = point.get("low"), point.get("high")
+                out[("analyses", "scaling", method, n, "half")] = None if low is None or high is None else (high - low) / 2
     return out
 
 

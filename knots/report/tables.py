@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from knots.report.paper import PaperBenchmark
-from knots.report.runs import RunGroup, Stat
+from knots.report.runs import Run, RunGroup, Stat, flatten
 
 RowKind = Literal["measured", "paper", "diff"]
 HITS = ("hits@1", "hits@3", "hits@5")
@@ -46,6 +47,7 @@ class Row:
     kind: RowKind
     cells: list[Stat]
     metric: str | None = None  # overrides the columns' metric (the finetuned row's absolute accuracy)
+    prefix: tuple[str, ...] = ()  # label cells before ``label`` (a sweep's job), one per extra ``row_header``
 
 
 @dataclass
@@ -55,6 +57,15 @@ class Table:
     caption: str
     columns: list[Column]
     rows: list[Row] = field(default_factory=list)
+    digits: int = 1
+    row_header: tuple[str, ...] = ("method",)
+    highlight_best: bool = False  # LaTeX: the largest measured value of each column in bold
+
+    def best(self) -> list[float | None]:
+        """The largest measured value of each column."""
+        values = [[r.cells[i].mean for r in self.rows if r.kind == "measured" and r.cells[i].mean is not None]
+                  for i in range(len(self.columns))]
+        return [max(v) if v else None for v in values]
 
     def add(self, label: str, method: str, measured: list[Stat], paper: list[float | None] | None, metric: str | None = None) -> None:
         """A measured row, then the paper's row and the difference where the paper has any of its numbers."""
@@ -122,18 +133,87 @@ def joint_per_task_table(group: RunGroup) -> Table:
     return table
 
 
+def has_joint(group: RunGroup) -> bool:
+    """Whether any method has joint-task numbers (``"joint": null`` everywhere with trained heads)."""
+    return any(group.get("methods", m, "joint", "hits@1").mean is not None for m in group.methods)
+
+
+CKA_VIEWS = {"full": "Full finetuning", "lora": "LoRA", "knots": "KnOTS"}
+
+
+def cka_table(group: RunGroup) -> Table | None:
+    """The CKA analysis (paper Fig. 2): per view, each task's mean CKA with the others and the mean over pairs."""
+    views = [v for v in CKA_VIEWS if group.get("analyses", "cka", v, "avg").mean is not None]
+    if not views:
+        return None
+    columns = [Column(t, t, "cka") for t in group.tasks] + [Column("avg pairwise", "avg", "cka")]
+    caption = (f"{group.benchmark or '?'} / {group.model or '?'}; {group.description}. Linear CKA between the tasks' "
+               "update outputs on the validation inputs, per targeted module, averaged over modules; a task's cell is "
+               "its mean CKA with the other tasks.")
+    table = Table("cka", "CKA alignment of task updates (Fig. 2)", caption, columns, digits=2, row_header=("view",))
+    for view in views:
+        table.add(CKA_VIEWS[view], view, [group.get("analyses", "cka", view, c.task) for c in columns], None)
+    return table
+
+
+def scaling_table(group: RunGroup) -> Table | None:
+    """The scaling analysis (paper Fig. 3): mean normalized accuracy over task subsets per method and size."""
+    keys = [k for k in group.stats if k[:2] == ("analyses", "scaling") and k[-1] == "mean"]
+    if not keys:
+        return None
+    methods = list(dict.fromkeys(k[2] for k in keys))
+    sizes = sorted({int(k[3]) for k in keys})
+    columns = [Column(f"n={n}", str(n), "normalized_accuracy") for n in sizes]
+    single = len(group.runs) == 1
+    spread = ("± is the half-width of the 95% Student-t interval over the subsets (none for a single subset)" if single
+              else "± is the standard deviation over runs")
+    caption = (f"{group.benchmark or '?'} / {group.model or '?'}; {group.description}. Average normalized accuracy (%) of "
+               f"merges of n tasks, each scored on its own tasks, averaged over task subsets; {spread}.")
+    table = Table("scaling", "Scaling with the number of merged tasks (Fig. 3)", caption, columns)
+    for method in methods:
+        cells = []
+        for n in sizes:
+            mean = group.get("analyses", "scaling", method, str(n), "mean")
+            if single and mean.mean is not None:
+                mean = Stat(mean.mean, group.get("analyses", "scaling", method, str(n), "half").mean, mean.n)
+            cells.append(mean)
+        table.add(display_name(method), method, cells, None)
+    return table
+
+
+def comparison_table(runs: Sequence[Run], labels: Mapping[Path, str]) -> Table:
+    """One row per job of a sweep and method: averages and pooled joint Hits@k (n/a where null); the
+    best value of each column is bold in LaTeX."""
+    columns = [Column("avg acc", "avg", "accuracy"), Column("avg norm acc", "avg", "normalized_accuracy"),
+               *(Column(f"joint {k}", "pooled", k) for k in HITS)]
+    caption = "Test numbers (%) of every job and method; jobs are labelled by the overrides that differ."
+    table = Table("comparison", "Sweep comparison", caption, columns, row_header=("job", "method"), highlight_best=True)
+    for run in runs:
+        flat = flatten(run.results)
+        for method in run.results["methods"]:
+            keys = [("methods", method, "avg_accuracy"), ("methods", method, "avg_normalized_accuracy"),
+                    *(("methods", method, "joint", k) for k in HITS)]
+            table.rows.append(Row(method, method, "measured", [Stat.of([flat.get(k)]) for k in keys], prefix=(labels[run.path],)))
+    return table
+
+
 def build_tables(group: RunGroup, paper: PaperBenchmark | None) -> list[Table]:
-    return [per_task_table(group, paper), averages_table(group, paper), joint_table(group, paper), joint_per_task_table(group)]
+    """The per-task and average tables, the joint-task tables where any method has joint numbers, and
+    the analyses' tables where the runs hold them."""
+    tables = [per_task_table(group, paper), averages_table(group, paper)]
+    if has_joint(group):
+        tables += [joint_table(group, paper), joint_per_task_table(group)]
+    return tables + [t for t in (cka_table(group), scaling_table(group)) if t is not None]
 
 
 # -- rendering ------------------------------------------------------------------------------------
-def format_stat(stat: Stat, kind: RowKind, plus_minus: str = "±") -> str:
+def format_stat(stat: Stat, kind: RowKind, plus_minus: str = "±", digits: int = 1) -> str:
     if stat.mean is None:
         return "" if kind != "measured" else "n/a"
     if kind == "diff":
-        return f"{stat.mean:+.1f}"
-    text = f"{stat.mean:.1f}"
-    return f"{text} {plus_minus} {stat.std:.1f}" if stat.std is not None else text
+        return f"{stat.mean:+.{digits}f}"
+    text = f"{stat.mean:.{digits}f}"
+    return f"{text} {plus_minus} {stat.std:.{digits}f}" if stat.std is not None else text
 
 
 def _grouped(columns: Sequence[Column], texts: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -155,12 +235,12 @@ def to_markdown(table: Table) -> str:
     header = None
     lines = []
     for row in table.rows:
-        headers, cells = _grouped(table.columns, [format_stat(s, row.kind) for s in row.cells])
+        headers, cells = _grouped(table.columns, [format_stat(s, row.kind, digits=table.digits) for s in row.cells])
         header = header or headers
         label = row.label if row.kind == "measured" else f"↳ {row.label}"
-        lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines.append("| " + " | ".join([*row.prefix, label, *cells]) + " |")
     header = header or _grouped(table.columns, [""] * len(table.columns))[0]
-    top = ["| method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    top = ["| " + " | ".join([*table.row_header, *header]) + " |", "|" + "---|" * len(table.row_header) + "---:|" * len(header)]
     return f"**{table.title}.** {table.caption}\n\n" + "\n".join(top + lines) + "\n"
 
 
@@ -177,12 +257,16 @@ def to_latex(table: Table, label_prefix: str = "tab:knots") -> str:
     out = [r"\begin{table}[t]", r"\centering", r"\small",
            rf"\caption{{{latex_escape(table.title)}. {latex_escape(table.caption)}}}",
            rf"\label{{{label_prefix}-{table.key}}}",
-           r"\begin{tabular}{l" + "r" * len(headers) + "}", r"\toprule",
-           "Method & " + " & ".join(latex_escape(h) for h in headers) + r" \\", r"\midrule"]
+           r"\begin{tabular}{" + "l" * len(table.row_header) + "r" * len(headers) + "}", r"\toprule",
+           " & ".join([*(latex_escape(h.capitalize()) for h in table.row_header), *(latex_escape(h) for h in headers)]) + r" \\",
+           r"\midrule"]
+    best = table.best() if table.highlight_best else []
     for row in table.rows:
-        _, cells = _grouped(table.columns, [format_stat(s, row.kind) for s in row.cells])
-        label = latex_escape(row.label)
+        _, cells = _grouped(table.columns, [format_stat(s, row.kind, digits=table.digits) for s in row.cells])
+        label = " & ".join(latex_escape(text) for text in (*row.prefix, row.label))
         cells = [latex_escape(c) for c in cells]
+        if best and row.kind == "measured" and len(cells) == len(best):
+            cells = [rf"\textbf{{{c}}}" if b is not None and s.mean == b else c for c, s, b in zip(cells, row.cells, best)]
         if row.kind == "diff":
             cells = ["$-$" + c[1:] if c.startswith("-") else c for c in cells]
         if row.kind != "measured":

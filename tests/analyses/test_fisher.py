@@ -190,3 +190,84 @@ def test_diagonal_fisher_accumulator():
     acc.add("w", torch.ones(2))
     acc.count(4)
     assert acc.result()["w"].tolist() == [0.5, 0.5]
+
+
+# -- the registered method on a hand-computed case ---------------------------------------------------
+class OneHot(nn.Module):
+    """features = proj(x) for one-hot inputs x: the LoRA target is the only layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, 2, bias=False)
+        self.proj.weight.data.zero_()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.proj(batch["x"])
+
+
+def one_hot_inputs(trained_heads: bool):
+    from knots.data.tasks import TaskData
+    from knots.heads import Head, HeadSet
+    from knots.lora import LoraAdapter, LoraModule
+    from knots.methods import MergeInputs, TaskAdapter
+    from knots.models.base import Backbone
+
+    class OneHotBackbone(Backbone):
+        name, feature_dim = "one-hot", 2
+
+        def __init__(self) -> None:
+            self.encoder = OneHot()
+
+        def collate(self, inputs):
+            return {"x": torch.eye(2)[[int(i) for i in inputs]]}
+
+    ln3 = math.log(3.0)
+    # dW_1 = [[ln 3, 0], [0, 0]] and dW_2 = [[0, 0], [0, ln 3]], rank one each
+    factors = {"one": (torch.tensor([[1.0, 0.0]]), torch.tensor([[ln3], [0.0]])),
+               "two": (torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [ln3]]))}
+    rows = [("0", 0), ("1", 1)]
+    tasks = [TaskData(name, ["a", "b"], ["{}"], rows, rows, rows) for name in factors]
+    adapters = [TaskAdapter(name, "", LoraAdapter(name, {"proj": LoraModule(A, B, 1.0)})) for name, (A, B) in factors.items()]
+    heads = HeadSet.trained({name: Head(torch.eye(2)) for name in factors}, tasks) if trained_heads else None
+    if not trained_heads:  # the adapters carry the trained heads, as a run's do
+        adapters = [TaskAdapter(a.task, a.path, a.adapter, Head(torch.eye(2))) for a in adapters]
+    return MergeInputs(adapters, OneHotBackbone(), tasks, batch_size=2, heads=heads)
+
+
+@pytest.mark.parametrize("heads_given", [True, False])
+def test_fisher_method_hand_computed(heads_given):
+    """Two tasks, logits = (W_0 + dW_i) x with W_0 = 0 and an identity head, inputs e_1 and e_2.
+
+    Task one: p(e_1) = (3/4, 1/4), p(e_2) = (1/2, 1/2): F_1 = [[3/32, 1/8], [3/32, 1/8]] (see above).
+    Task two: p(e_1) = (1/2, 1/2), p(e_2) = (1/4, 3/4): F_2 = [[1/8, 3/32], [1/8, 3/32]].
+    Merged entry = scaling * (F_1 dW_1 + F_2 dW_2 + eps (dW_1 + dW_2)) / (F_1 + F_2 + 2 eps).
+    """
+    from knots.methods import get_method
+    from knots.methods.fisher import task_fishers
+
+    inputs = one_hot_inputs(heads_given)
+    fishers = [f["proj.weight"].double() for f in task_fishers(inputs, 256, "exact")]
+    assert torch.allclose(fishers[0], torch.tensor([[3 / 32, 1 / 8], [3 / 32, 1 / 8]], dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(fishers[1], torch.tensor([[1 / 8, 3 / 32], [1 / 8, 3 / 32]], dtype=torch.float64), atol=1e-7)
+    ln3, eps = math.log(3.0), 1e-6
+    merged = get_method("fisher").build(inputs, scaling=0.5, num_examples=256, fisher="exact", normalize=False).delta["proj.weight"]
+    diagonal = 0.5 * (3 / 32 + eps) * ln3 / (3 / 32 + 1 / 8 + 2 * eps)  # = 0.5 * 3/7 ln 3, up to eps
+    assert torch.allclose(merged, torch.tensor([[diagonal, 0.0], [0.0, diagonal]]), atol=1e-6)
+    weight = inputs.backbone.encoder.proj.weight
+    assert weight.requires_grad and weight.grad is None and weight.abs().sum() == 0  # flags and weights restored
+
+
+def test_fisher_stream_continues_and_restarts():
+    """A larger N continues the pass; a smaller one starts again; both equal a fresh computation."""
+    from knots.methods.fisher import FisherCache, task_fishers
+
+    inputs = one_hot_inputs(True)
+    first = task_fishers(inputs, 1, "exact")  # e_1 only: F_1 = [[3/16, 0], [3/16, 0]]
+    assert torch.allclose(first[0]["proj.weight"].double(), torch.tensor([[3 / 16, 0], [3 / 16, 0]], dtype=torch.float64), atol=1e-7)
+    both = task_fishers(inputs, 2, "exact")
+    cache: FisherCache = inputs.cached("fisher_streams", FisherCache)
+    assert cache.streams[("exact", 0)].position == 2
+    again = task_fishers(inputs, 1, "exact")
+    assert all(torch.equal(a["proj.weight"], b["proj.weight"]) for a, b in zip(first, again))
+    fresh = task_fishers(one_hot_inputs(True), 2, "exact")
+    assert all(torch.allclose(a["proj.weight"], b["proj.weight"]) for a, b in zip(both, fresh))

@@ -191,7 +191,10 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert "unknown format 'pdf'" in error([str(run), "--formats", "pdf"])
     assert main([str(run), "--quiet", "--formats", "md"]) == 0
     assert "wrote" in capsys.readouterr().err
-    assert [p.name for p in (run / "report").iterdir()] == ["report.md"]
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["figures", "report.md"]
+    assert main([str(run), "--quiet", "--formats", "tex", "--no-figures", "--out", str(tmp_path / "bare")]) == 0
+    assert [p.name for p in (tmp_path / "bare").iterdir()] == ["report.tex"]
+    capsys.readouterr()
     assert "--overwrite" in error([str(run), "--quiet"])
     assert main([str(run), "--quiet", "--overwrite"]) == 0
 
