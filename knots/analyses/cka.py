@@ -30,17 +30,25 @@ the code's centred covariance ``C = L L^T``, the output cross-covariance is ``P_
 which needs only the code's running mean and covariance (streamed over the inputs) and each task's
 Gram ``P_i^T P_i`` (``s_i^2 B_i^T B_i`` for ``lora``: r x r).
 
-**Memory** per module, independent of the number of inputs: ``(n r)^2 + n r`` accumulated floats for
-``lora`` and ``knots`` together, and ``I^2 + I`` for ``full`` (independent of the number of tasks). At
-``result()``, ``n`` matrices of the code's size are formed transiently. Inputs are rows: every token of
-a sequence is one row (padding removed with ``mask``).
+**Memory** per module, independent of the number of inputs: while the inputs stream, ``(n r)^2 + n r``
+accumulated floats for ``lora`` and ``knots`` together (plus the stacked ``A_i``, ``n r I``, and an
+``r x r`` Gram per task), and ``I^2 + I`` for ``full``, independent of the number of tasks when the
+full updates are given as a function that ``result()`` calls (the analysis reads them from the cache
+then, one module at a time: ``n O I`` floats, transiently). ``result()`` also forms ``n`` matrices of
+the code's size. Inputs are rows: every token of a sequence is one row (padding removed with ``mask``).
+
+**The analysis** ``cka`` (``knots-run 'analyses=[cka]'``, options in ``conf/analysis/cka.yaml``) feeds
+every targeted module's inputs in the pretrained model, over the validation inputs of all tasks, to
+these accumulators, in one forward pass (or one per ``modules_per_pass`` modules). The full view's
+models are trained with ``finetune.mode=full`` (:mod:`knots.pipeline.full`), cached like adapters,
+only when that view is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +125,21 @@ class MomentAccumulator:
 
 @dataclass(frozen=True)
 class TaskMap:
-    """One task's view ``z = P c[start:stop]`` of the code, given by its Gram ``P^T P``."""
+    """One task's view ``z = P c[start:stop]`` of the code, given by its Gram ``P^T P`` or by ``P`` itself."""
 
     start: int
     stop: int
-    gram: torch.Tensor
+    gram: torch.Tensor | None = None
+    factor: torch.Tensor | None = None
+
+    def spectrum(self, root: torch.Tensor) -> torch.Tensor:
+        """``H = L^T P^T P L`` for the covariance root rows ``L`` of this map's code slice."""
+        block = root[self.start:self.stop]
+        if self.factor is not None:
+            projected = self.factor.to(torch.float64) @ block
+            return projected.T @ projected
+        assert self.gram is not None
+        return block.T @ self.gram.to(torch.float64) @ block
 
 
 def covariance_root(covariance: torch.Tensor, tolerance: float = 1e-12) -> torch.Tensor:
@@ -138,13 +156,7 @@ def cka_from_covariance(covariance: torch.Tensor, maps: Sequence[TaskMap | None]
     A view that is zero (``None`` or a zero Gram: a module the task does not target) has NaN CKA.
     """
     root = covariance_root(covariance)
-    spectra = []
-    for task_map in maps:
-        if task_map is None:
-            spectra.append(None)
-            continue
-        block = root[task_map.start:task_map.stop]
-        spectra.append(block.T @ task_map.gram.to(torch.float64) @ block)
+    spectra = [None if task_map is None else task_map.spectrum(root) for task_map in maps]
     n = len(maps)
     out = torch.full((n, n), float("nan"), dtype=torch.float64)
     norms = [None if h is None else torch.linalg.matrix_norm(h) for h in spectra]
@@ -156,12 +168,17 @@ def cka_from_covariance(covariance: torch.Tensor, maps: Sequence[TaskMap | None]
     return out
 
 
+#: A view's task maps, or a function that makes them when the result is computed (e.g. reading large
+#: full-finetuning updates from disk then, one module at a time, instead of holding them while streaming).
+Maps = list[TaskMap | None] | Callable[[], list[TaskMap | None]]
+
+
 @dataclass
 class CodeStream:
     """Views that are linear maps of one code ``c = code_map @ x`` (``code_map`` None: ``c = x``)."""
 
     code_map: torch.Tensor | None
-    views: dict[str, list[TaskMap | None]]
+    views: dict[str, Maps]
     moments: MomentAccumulator
 
     def update(self, inputs: torch.Tensor) -> None:
@@ -172,7 +189,7 @@ class CodeStream:
 
     def result(self) -> dict[str, torch.Tensor]:
         covariance = self.moments.covariance()
-        return {name: cka_from_covariance(covariance, maps) for name, maps in self.views.items()}
+        return {name: cka_from_covariance(covariance, maps() if callable(maps) else maps) for name, maps in self.views.items()}
 
 
 @dataclass
@@ -190,6 +207,18 @@ class ModuleCKA:
     def accumulated_floats(self) -> int:
         """Floats held by the accumulators (independent of the number of inputs)."""
         return sum(s.moments.scatter.numel() + s.moments.mean.numel() for s in self.streams)
+
+    @property
+    def held_floats(self) -> int:
+        """Everything held while inputs stream: the accumulators, the code maps and the task maps
+        given as tensors (maps made at ``result()`` are not held)."""
+        total = self.accumulated_floats
+        for stream in self.streams:
+            total += 0 if stream.code_map is None else stream.code_map.numel()
+            for maps in stream.views.values():
+                if not callable(maps):
+                    total += sum(t.numel() for m in maps if m is not None for t in (m.gram, m.factor) if t is not None)
+        return total
 
     def update(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add a batch of inputs ``(..., in_features)``; ``mask`` (``inputs.shape[:-1]``) keeps real tokens."""
@@ -215,18 +244,25 @@ def knots_projections(row: Sequence[LoraModule | None], alignment: ModuleAlignme
     return [None if lora is None else inverse[:, None] * (U.T @ lora.scaled_B(torch.float64)) for lora in row]
 
 
+FullDeltas = Sequence[torch.Tensor | None] | Callable[[], Sequence[torch.Tensor | None]]
+
+
 def module_cka(
     row: Sequence[LoraModule | None],
     views: Sequence[str] = ("lora", "knots"),
-    full_deltas: Sequence[torch.Tensor | None] | None = None,
+    full_deltas: FullDeltas | None = None,
     alignment: ModuleAlignment | None = None,
     knots_scaled: bool = False,
     tolerance: float = SINGULAR_VALUE_TOLERANCE,
+    in_features: int | None = None,
 ) -> ModuleCKA:
     """The CKA accumulator of one module from its tasks' LoRA factors (``None``: task not targeted).
 
-    ``full_deltas``: each task's dense ``W_i - W_0`` (``(out, in)``), needed for the ``full`` view.
-    ``alignment``: the module's column KnOTS alignment; computed here in float64 when not given.
+    ``full_deltas``: each task's dense ``W_i - W_0`` (``(out, in)``), needed for the ``full`` view, or a
+    function returning them, called once when the result is computed (so they are not held while the
+    inputs stream). ``alignment``: the module's column KnOTS alignment; computed here in float64 when
+    not given. ``in_features``: the module's input width, needed only without LoRA factors and with
+    ``full_deltas`` given as a function.
     """
     unknown = [v for v in views if v not in VIEWS]
     if unknown:
@@ -234,10 +270,11 @@ def module_cka(
     present = [lora for lora in row if lora is not None]
     if not present and any(v in views for v in ("lora", "knots")):
         raise ValueError("no task targets this module")
-    given = [d for d in full_deltas or [] if d is not None]
-    if not present and not given:
-        raise ValueError("no task updates this module")
-    in_features = present[0].shape[1] if present else given[0].shape[1]
+    given = [] if full_deltas is None or callable(full_deltas) else [d for d in full_deltas if d is not None]
+    if in_features is None:
+        if not present and not given:
+            raise ValueError("no task updates this module")
+        in_features = present[0].shape[1] if present else given[0].shape[1]
     module = ModuleCKA(in_features=in_features)
     low_rank = [v for v in views if v in ("lora", "knots")]
     if low_rank:
@@ -259,10 +296,18 @@ def module_cka(
             stream_views["knots"] = [None if p is None else TaskMap(*span, p.T @ p) for p, span in zip(projections, slices)]
         module.streams.append(CodeStream(code_map, stream_views, MomentAccumulator(code_map.shape[0])))
     if "full" in views:
-        if full_deltas is None or len(full_deltas) != len(row):
+        if full_deltas is None or (not callable(full_deltas) and len(full_deltas) != len(row)):
             raise ValueError("the 'full' view needs one full-finetuning update W_i - W_0 per task")
-        grams = [None if d is None else d.to(torch.float64).T @ d.to(torch.float64) for d in full_deltas]
-        maps = [None if g is None else TaskMap(0, in_features, g) for g in grams]
+        width = in_features
+
+        def full_maps(deltas: Sequence[torch.Tensor | None]) -> list[TaskMap | None]:
+            if len(deltas) != len(row):
+                raise ValueError("the 'full' view needs one full-finetuning update W_i - W_0 per task")
+            if all(d is None for d in deltas):
+                raise ValueError("no task updates this module")
+            return [None if d is None else TaskMap(0, width, factor=d) for d in deltas]
+
+        maps: Maps = (lambda: full_maps(full_deltas())) if callable(full_deltas) else full_maps(full_deltas)
         module.streams.append(CodeStream(None, {"full": maps}, MomentAccumulator(in_features)))
     return module
 
@@ -317,6 +362,10 @@ class CKAAccumulator:
     def accumulated_floats(self) -> int:
         return sum(m.accumulated_floats for m in self.modules.values())
 
+    @property
+    def held_floats(self) -> int:
+        return sum(m.held_floats for m in self.modules.values())
+
     def update(self, module: str, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         self.modules[module].update(inputs, mask)
 
@@ -339,26 +388,27 @@ def combine_modules(tasks: Sequence[str], per_module: Mapping[str, Mapping[str, 
 def cka_accumulator(
     taskset,
     views: Sequence[str] = ("lora", "knots"),
-    full_deltas: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+    full_deltas: Mapping[str, FullDeltas] | None = None,
     modules: Sequence[str] | None = None,
     knots_scaled: bool = False,
 ) -> CKAAccumulator:
     """Accumulators for every module of a :class:`~knots.merging.TaskSet` (or the ``modules`` given).
 
-    ``full_deltas[module]``: each task's ``W_i - W_0`` for the ``full`` view.
+    ``full_deltas[module]``: each task's ``W_i - W_0`` for the ``full`` view (or a function returning them).
     """
     names = list(taskset.modules if modules is None else modules)
     built = {
-        name: module_cka(taskset.factors[name], views, None if full_deltas is None else full_deltas[name], knots_scaled=knots_scaled)
+        name: module_cka(taskset.factors[name], views, None if full_deltas is None else full_deltas[name], knots_scaled=knots_scaled,
+                         in_features=taskset.shapes[name][1])
         for name in names
     }
     return CKAAccumulator(taskset.tasks, built)
 
 
 # -- the registered analysis ----------------------------------------------------------------------
-def full_deltas(context: AnalysisContext, overrides: Mapping[str, Any]) -> tuple[dict[str, list[torch.Tensor | None]], list[dict[str, Any]]]:
-    """Every task's full-finetuning update per module, ``(out, in)``: trained with the run's finetuning
-    recipe, ``mode: full`` and ``overrides`` on top (or reused from the adapter cache)."""
+def full_deltas(context: AnalysisContext, overrides: Mapping[str, Any]) -> tuple[dict[str, FullDeltas], list[dict[str, Any]]]:
+    """Per module, a function reading every task's full-finetuning update ``(out, in)`` from the cache
+    (trained with the run's finetuning recipe, ``mode: full`` and ``overrides`` on top, or reused)."""
     from knots.pipeline.full import full_finetune_stage
 
     cfg = context.cfg
@@ -371,13 +421,15 @@ def full_deltas(context: AnalysisContext, overrides: Mapping[str, Any]) -> tuple
     updates = full_finetune_stage(context.models, context.tasks, zero_shot, cfg, finetune_cfg, context.logger)
     taskset = context.inputs.session.taskset
     by_task = {u.task: u for u in updates}
-    out: dict[str, list[torch.Tensor | None]] = {}
-    for module in taskset.modules:
-        row = []
-        for task in taskset.tasks:
-            delta = by_task[task].delta.get(f"{module}.weight")
-            row.append(None if delta is None else parameter_layout(delta, taskset.fan_in_fan_out(module)))
-        out[module] = row
+
+    def reader(module: str) -> Callable[[], list[torch.Tensor | None]]:
+        def read() -> list[torch.Tensor | None]:
+            deltas = [by_task[task].tensor(f"{module}.weight") for task in taskset.tasks]
+            return [None if d is None else parameter_layout(d, taskset.fan_in_fan_out(module)) for d in deltas]
+
+        return read
+
+    out: dict[str, FullDeltas] = {module: reader(module) for module in taskset.modules}
     info = [{k: u.info.get(k) for k in ("task", "path", "reused", "resumed_from", "final_loss", "train_seconds")} for u in updates]
     return out, info
 
@@ -412,26 +464,40 @@ def stream_inputs(backbone: Any, data: Any, accumulator: CKAAccumulator, progres
             handle.remove()
 
 
-@register_analysis("cka", reference="Kornblith et al., ICML 2019 (linear CKA); Stoica, Ramesh et al., ICLR 2025, Sec. 3, Fig. 2")
+def check(options: Mapping[str, Any]) -> None:
+    """The cka analysis's options, checked before any work."""
+    from knots.config.schema import FinetuneConfig
+
+    views = list(options.get("views", VIEWS))
+    unknown = sorted(set(views) - set(VIEWS))
+    if unknown or not views:
+        raise ConfigError(f"cka views: expected some of {', '.join(VIEWS)}, got {', '.join(unknown) or 'none'}")
+    per_pass = options.get("modules_per_pass")
+    if per_pass is not None and per_pass < 1:
+        raise ConfigError(f"cka modules_per_pass must be >= 1 or null, got {per_pass}")
+    settings = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"mode"}
+    for key in options.get("full_finetune") or {}:
+        if key not in settings:
+            raise ConfigError(f"cka full_finetune: unknown finetuning setting {key!r}; known: {', '.join(sorted(settings))}")
+
+
+@register_analysis("cka", reference="Kornblith et al., ICML 2019 (linear CKA); Stoica, Ramesh et al., ICLR 2025, Sec. 3, Fig. 2",
+                   check=check)
 def cka_analysis(context: AnalysisContext, views: Sequence[str] = VIEWS, full_finetune: Mapping[str, Any] | None = None,
                  modules_per_pass: int | None = None) -> dict[str, Any]:
     """Linear CKA between the tasks' update outputs (full finetuning, LoRA, KnOTS) on the validation inputs."""
     from knots.analyses.figures import cka_figure, write_figures
 
-    unknown = sorted(set(views) - set(VIEWS))
+    check({"views": views, "full_finetune": full_finetune, "modules_per_pass": modules_per_pass})
     views = [v for v in VIEWS if v in views]
-    if unknown or not views:
-        raise ConfigError(f"cka views: expected some of {', '.join(VIEWS)}, got {', '.join(unknown) or 'none'}")
-    if modules_per_pass is not None and modules_per_pass < 1:
-        raise ConfigError(f"cka modules_per_pass must be >= 1 or null, got {modules_per_pass}")
     seconds: dict[str, float] = {}
     taskset = context.inputs.session.taskset
     full, trained = None, []
     if "full" in views:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         full, trained = full_deltas(context, full_finetune or {})
-        seconds["full_finetune"] = time.perf_counter() - start
-    start = time.perf_counter()
+        seconds["full_finetune"], seconds["full_finetune_cpu"] = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     modules = list(taskset.modules)
     step = modules_per_pass or len(modules)
     per_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -440,18 +506,18 @@ def cka_analysis(context: AnalysisContext, views: Sequence[str] = VIEWS, full_fi
     for begin in range(0, len(modules), step):
         chunk = modules[begin:begin + step]
         accumulator = cka_accumulator(taskset, views, full, chunk)
-        floats = max(floats, accumulator.accumulated_floats)
+        floats = max(floats, accumulator.held_floats)
         stream_inputs(context.models.backbone, data, accumulator, context.cfg.progress)
         result = accumulator.result()
         per_module.update(result.per_module)
         inputs = result.inputs
     combined = combine_modules(taskset.tasks, per_module, inputs)
-    seconds["cka"] = time.perf_counter() - start
+    seconds["cka"], seconds["cka_cpu"] = time.perf_counter() - start, time.process_time() - cpu
     out = combined.to_json()
     out["per_module_pairwise"] = {
         module: {view: _plain(mean_offdiagonal(matrix)) for view, matrix in matrices.items()} for module, matrices in per_module.items()
     }
-    out["accumulated_floats"] = floats
+    out["held_floats"] = floats  # while the inputs stream, in the largest pass (float64)
     out["passes"] = -(-len(modules) // step)
     if trained:
         out["full_finetuning"] = trained

@@ -15,6 +15,13 @@ symmetric, and k is small (28), where the t quantile matters and a bootstrap (se
 make the bands depend on a random seed. The subsets share tasks, so they are not independent draws:
 read the interval as the spread of the mean over task combinations, as the paper's does. With a single
 subset (n = N) there is no interval (``None``).
+
+**The analysis** ``scaling`` (``knots-run 'analyses=[scaling]'``, options in ``conf/analysis/scaling.yaml``)
+runs, for every subset and method, the run's own validation search and test
+(:func:`knots.pipeline.stages.search_method`, :func:`~knots.pipeline.stages.test_method`) on merge
+inputs and an evaluator cut down to the subset's tasks: the cached adapters, the already collated
+inputs and the finetuned models' cached features. Nothing is retrained or re-encoded but the merges.
+The merge of all N tasks is the run's own when the search is the run's.
 """
 
 from __future__ import annotations
@@ -182,16 +189,39 @@ def scaling_search(run_search: Any, overrides: Mapping[str, Any] | None) -> Any:
     """The search of every subset: the run's (strategy, patience, ranges) with ``overrides`` on top,
     always selecting by average normalized accuracy over the subset's tasks."""
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - {"strategy", "patience", "ranges"})
-    if unknown:
-        raise ConfigError(f"scaling search: unknown setting {unknown[0]!r}; expected strategy, patience or ranges")
     ranges = {**run_search.ranges, **overrides.pop("ranges", {})}
     search = dataclasses.replace(run_search, **overrides, ranges=ranges, metric="avg_normalized_accuracy")
     search.validate()
     return search
 
 
-@register_analysis("scaling", reference="Stoica, Ramesh et al., ICLR 2025, Sec. 5.4, Fig. 3")
+def check(options: Mapping[str, Any]) -> None:
+    """The scaling analysis's options, checked before any work (the sizes' upper bound at run time)."""
+    from knots.config.schema import SEARCH_STRATEGIES
+    from knots.methods import method_names
+
+    known = method_names()
+    methods = list(options.get("methods", ()))
+    if not methods:
+        raise ConfigError("scaling methods: none given")
+    for name in methods:
+        if name not in known:
+            raise ConfigError(f"scaling: unknown method {name!r}; known: {', '.join(known)}")
+    if options.get("max_subsets", PAPER_SUBSETS_PER_SIZE) < 1:
+        raise ConfigError(f"scaling max_subsets must be >= 1, got {options['max_subsets']}")
+    if any(n < 2 for n in options.get("sizes") or ()):
+        raise ConfigError(f"scaling sizes must be >= 2, got {list(options['sizes'])}")
+    if not 0 < options.get("confidence", 0.95) < 1:
+        raise ConfigError(f"scaling confidence must be in (0, 1), got {options['confidence']}")
+    search = dict(options.get("search") or {})
+    unknown = sorted(set(search) - {"strategy", "patience", "ranges"})
+    if unknown:
+        raise ConfigError(f"scaling search: unknown setting {unknown[0]!r}; expected strategy, patience or ranges")
+    if "strategy" in search and search["strategy"] not in SEARCH_STRATEGIES:
+        raise ConfigError(f"scaling search.strategy: unknown {search['strategy']!r}; expected one of {SEARCH_STRATEGIES}")
+
+
+@register_analysis("scaling", reference="Stoica, Ramesh et al., ICLR 2025, Sec. 5.4, Fig. 3", check=check)
 def scaling_analysis(context: AnalysisContext, methods: Sequence[str] = ("ta", "ties", "knots_ties"),
                      max_subsets: int = PAPER_SUBSETS_PER_SIZE, sizes: Sequence[int] | None = None, seed: int = 0,
                      search: Mapping[str, Any] | None = None, confidence: float = 0.95) -> dict[str, Any]:
@@ -200,17 +230,11 @@ def scaling_analysis(context: AnalysisContext, methods: Sequence[str] = ("ta", "
     from tqdm.auto import tqdm
 
     from knots.analyses.figures import scaling_figure, write_figures
-    from knots.methods import method_names
     from knots.pipeline.logger import NullLogger
     from knots.pipeline.stages import search_method, test_method
 
     cfg = context.cfg
-    known = method_names()
-    for name in methods:
-        if name not in known:
-            raise ConfigError(f"scaling: unknown method {name!r}; known: {', '.join(known)}")
-    if max_subsets < 1:
-        raise ConfigError(f"scaling max_subsets must be >= 1, got {max_subsets}")
+    check({"methods": methods, "max_subsets": max_subsets, "sizes": sizes, "confidence": confidence, "search": search})
     tasks = [t.name for t in context.tasks.tasks]
     if sizes is not None and any(not 2 <= n <= len(tasks) for n in sizes):
         raise ConfigError(f"scaling sizes must lie in 2..{len(tasks)}, got {list(sizes)}")
@@ -221,14 +245,15 @@ def scaling_analysis(context: AnalysisContext, methods: Sequence[str] = ("ta", "
     scores: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in methods}
     details: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {name: {} for name in methods}
     seconds: dict[str, float] = {name: 0.0 for name in methods}
+    cpu_seconds: dict[str, float] = {name: 0.0 for name in methods}
     merges = 0
     quiet = NullLogger()
     bar = tqdm(total=len(jobs), desc="scaling", disable=not cfg.progress)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for subset in (s for subsets in plan.values() for s in subsets):
         evaluator = inputs = None
         for name in methods:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             if reuse and len(subset) == len(tasks) and name in context.methods:  # the run's own merge of every task
                 result = context.methods[name]
                 details[name][subset] = {"hyperparameters": result["hyperparameters"], "val_score": result["val_score"], "from_run": True}
@@ -243,13 +268,16 @@ def scaling_analysis(context: AnalysisContext, methods: Sequence[str] = ("ta", "
                 details[name][subset] = {"hyperparameters": result["hyperparameters"], "val_score": result["val_score"]}
             scores[name][subset] = result["avg_normalized_accuracy"]
             seconds[name] += time.perf_counter() - t
+            cpu_seconds[name] += time.process_time() - c
             bar.update(1)
     bar.close()
     out = summarize_scaling(scores, len(tasks), confidence, details)
     out.update({"tasks": tasks, "max_subsets": max_subsets, "seed": seed,
                 "search": {"strategy": subset_search.strategy, "patience": subset_search.patience,
                            "metric": subset_search.metric},
-                "merges_evaluated": merges, "seconds": {"total": time.perf_counter() - start, **{f"method/{k}": v for k, v in seconds.items()}}})
+                "merges_evaluated": merges,
+                "seconds": {"total": time.perf_counter() - start, "total_cpu": time.process_time() - cpu,
+                            **{f"method/{k}": v for k, v in seconds.items()}, **{f"method/{k}/cpu": v for k, v in cpu_seconds.items()}}})
     figure = scaling_figure(out)
     out["files"] = [str(p) for p in write_figures({"scaling": figure}, context.directory("scaling"), context.logger, "analysis/scaling")]
     rows = [[name, p["n"], p["mean"], p["low"], p["high"], p["count"], p["possible"]] for name, points in out["methods"].items() for p in points]

@@ -366,7 +366,7 @@ class RunConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from knots.analyses import analysis_names, analysis_options
+        from knots.analyses import analysis_names, analysis_options, get_analysis
         from knots.methods import check_method_params, method_names
         from knots.methods.config import ensure_registered
 
@@ -398,6 +398,7 @@ class RunConfig:
         known_analyses = analysis_names()
         for a in self.analyses:
             _check(a in known_analyses, f"unknown analysis {a!r}; known: {', '.join(known_analyses) or 'none'}")
+            get_analysis(a).check_options(analysis_options(a, self.analysis_params.get(a), self.config_dirs))
         if self.finetune.precision in ("bf16", "fp16"):
             _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:

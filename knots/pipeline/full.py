@@ -72,8 +72,9 @@ def save_full_update(model: nn.Module, base: nn.Module, directory: Path, head_mo
     save_safetensors(directory / UPDATE_NAME, tensors, metadata={"format": "knots-full-update"})
 
 
-def load_full_update(path: str | Path) -> dict[str, torch.Tensor]:
-    """``{"<module>.weight": W_i - W_0}`` of a finished full-finetuning directory (head tensors left out)."""
+def load_full_update(path: str | Path, tensors: bool = True) -> dict[str, torch.Tensor]:
+    """``{"<module>.weight": W_i - W_0}`` of a finished full-finetuning directory (head tensors left out);
+    ``tensors=False`` only checks that the directory is one."""
     from safetensors.torch import load_file
 
     from knots.pipeline.cache import is_complete
@@ -81,17 +82,30 @@ def load_full_update(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not is_complete(path) or not (path / UPDATE_NAME).is_file():
         raise AdapterError(f"{path}: not a finished full-finetuning update ({UPDATE_NAME} and the metadata file)")
+    if not tensors:
+        return {}
     return {k: v for k, v in load_file(str(path / UPDATE_NAME)).items() if not k.startswith(HEAD_PREFIX)}
+
+
+def load_full_tensor(path: str | Path, name: str) -> torch.Tensor | None:
+    """One tensor (``"<module>.weight"``) of a full-finetuning update, read alone; None if absent."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / UPDATE_NAME), framework="pt") as handle:
+        return handle.get_tensor(name) if name in handle.keys() else None
 
 
 @dataclass(frozen=True)
 class FullUpdate:
-    """One task's full-finetuning update ``{"<module>.weight": W_i - W_0}``, with where it came from."""
+    """One task's full-finetuning update in the cache (read tensor by tensor), with where it came from."""
 
     task: str
     path: str
-    delta: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """``W_i - W_0`` of parameter ``name`` (``"<module>.weight"``), or None if not updated."""
+        return load_full_tensor(self.path, name)
 
 
 def full_finetune_stage(models: Any, tasks: Any, zero_shot: Any, cfg: Any, finetune_cfg: Any,
@@ -112,5 +126,6 @@ def full_finetune_stage(models: Any, tasks: Any, zero_shot: Any, cfg: Any, finet
         head = models.training_head(task, zero_shot, finetune_cfg.seed)
         info = finetune(models.backbone, task, head, cfg.model.lora, finetune_cfg, path, logger=logger,
                         progress=cfg.progress, meta={"cache_key": key, "mode": "full"})
-        out.append(FullUpdate(task.name, str(path), load_full_update(path), {**info, "path": str(path), "cache_key": key}))
+        load_full_update(path, tensors=False)  # checks the directory is a finished full update
+        out.append(FullUpdate(task.name, str(path), {**info, "path": str(path), "cache_key": key}))
     return out

@@ -114,6 +114,24 @@ def test_full_view_matches_batch_for_dense_updates():
     assert torch.allclose(module.result()["full"], cka_matrix([x @ d.T for d in deltas]), rtol=1e-9)
 
 
+def test_full_updates_read_at_result_time_give_the_same_matrix_and_are_not_held():
+    deltas = [torch.randn(6, 8, generator=G, dtype=torch.float64) for _ in range(3)]
+    reads = []
+    lazy = module_cka([None, None, None], ("full",), full_deltas=lambda: reads.append(1) or deltas, in_features=8)
+    eager = module_cka([None, None, None], ("full",), full_deltas=deltas)
+    x = torch.randn(25, 8, generator=G, dtype=torch.float64)
+    for module in (lazy, eager):
+        module.update(x[:9])
+        module.update(x[9:])
+    assert reads == [] and lazy.held_floats == lazy.accumulated_floats == 8 * 8 + 8  # nothing but the moments while streaming
+    assert eager.held_floats == 8 * 8 + 8 + 3 * 6 * 8
+    assert torch.equal(lazy.result()["full"], eager.result()["full"]) and reads == [1]
+    empty = module_cka([None, None], ("full",), full_deltas=lambda: [None, None], in_features=8)
+    empty.update(x)
+    with pytest.raises(ValueError, match="no task updates"):
+        empty.result()
+
+
 def test_views_are_invariant_to_per_task_rotation_and_scaling_of_the_update():
     row = lora_row(2, out_features=7, in_features=5, rank=2, seed=3)
     rotated = [LoraModule(A=row[0].A, B=random_orthogonal(7) @ row[0].B * 4.0, scale=row[0].scale), row[1]]

@@ -53,7 +53,7 @@ def knots_blocks(deltas: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def test_cka_and_scaling_end_to_end(compose_run, tmp_path):
-    cfg = to_run_config(compose_run("logger=none", "methods=[ta,ties,knots_ties]", "analyses=[cka,scaling]"))
+    cfg = to_run_config(compose_run("logger=none", "methods=[ties]", "analyses=[cka,scaling]", "+analysis_params.scaling.methods=[ties]"))
     out = tmp_path / "run"
     results = run_experiment(cfg, out)
 
@@ -84,7 +84,7 @@ def test_cka_and_scaling_end_to_end(compose_run, tmp_path):
         assert cka["per_module_pairwise"][module][view] == pytest.approx(mean_offdiagonal(cka_matrix(features)), abs=1e-6), view
 
     scaling = results["analyses"]["scaling"]
-    assert scaling["tasks"] == TASKS and list(scaling["methods"]) == ["ta", "ties", "knots_ties"]
+    assert scaling["tasks"] == TASKS and list(scaling["methods"]) == ["ties"]
     for name, points in scaling["methods"].items():
         assert [(p["n"], p["count"], p["possible"]) for p in points] == [(2, 3, 3), (3, 1, 1)]
         subsets = scaling["subsets"][name]
@@ -115,21 +115,32 @@ def test_cka_and_scaling_end_to_end(compose_run, tmp_path):
     assert len([p for p in (tmp_path / "logs" / "cache" / "adapters").iterdir() if not p.name.endswith(".partial")]) == 6
 
 
-def test_analysis_options_are_checked(compose_run, tmp_path):
-    cfg = to_run_config(compose_run("logger=none", "methods=[ta]", "analyses=[cka]", "+analysis_params.cka.views=[lora,nope]"))
-    with pytest.raises(ConfigError, match="cka views"):
-        run_experiment(cfg, tmp_path / "run")
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("analyses=[cka] +analysis_params.cka.views=[lora,nope]", "cka views"),
+    ("analyses=[cka] +analysis_params.cka.nope=1", "analysis cka has no option 'nope'"),
+    ("analyses=[cka] +analysis_params.cka.full_finetune.lrr=0.1", "unknown finetuning setting 'lrr'"),
+    ("analyses=[scaling] +analysis_params.scaling.methods=[ta,nope]", "unknown method 'nope'"),
+    ("analyses=[scaling] +analysis_params.scaling.max_subsets=0", "max_subsets must be >= 1"),
+    ("analyses=[scaling] +analysis_params.scaling.search.strategy=random", "search.strategy"),
+    ("analyses=[scaling] +analysis_params.scaling.search.metric=joint_hits@3", "unknown setting 'metric'"),
+])
+def test_analysis_options_are_checked_before_any_work(compose_run, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        to_run_config(compose_run("logger=none", "methods=[ta]", *overrides.split()))
 
 
 @pytest.mark.parametrize("heads", ["zero_shot", "trained"])
 def test_fisher_method_end_to_end(compose_run, tmp_path, heads):
-    cfg = to_run_config(compose_run("logger=none", "methods=[fisher,ta]", f"model.head.kind={heads}"))
+    cfg = to_run_config(compose_run("logger=none", "methods=[fisher]", f"model.head.kind={heads}", "benchmark.select=[mood,topic]"))
     results = run_experiment(cfg, tmp_path / "run")
     fisher = results["methods"]["fisher"]
     assert fisher["hyperparameters"]["scaling"] in (0.5, 1.0) and fisher["hyperparameters"]["num_examples"] in (256, 512, 1024, 2048)
-    # scaling 0.5 and 1.0 at N = 256, then N = 512, equal to N = 256 (both are the whole training set): the search stops
-    assert [(p["params"]["scaling"], p["params"]["num_examples"]) for p in fisher["search"]] == [(0.5, 256), (1.0, 256), (1.0, 512)]
-    assert fisher["search"][1]["val_score"] == fisher["search"][2]["val_score"]
+    # scaling 0.5 and 1.0 at N = 256, then N = 512 at the better scaling, equal to N = 256 (both are the whole
+    # training set): the search stops there
+    points = [(p["params"]["scaling"], p["params"]["num_examples"]) for p in fisher["search"]]
+    best = max(fisher["search"][:2], key=lambda p: p["val_score"])
+    assert points == [(0.5, 256), (1.0, 256), (best["params"]["scaling"], 512)]
+    assert fisher["search"][2]["val_score"] == best["val_score"]
     assert math.isfinite(fisher["avg_normalized_accuracy"]) and (fisher["joint"] is None) == (heads == "trained")
     assert (tmp_path / "run" / "figures" / "search.png").is_file() and (tmp_path / "run" / "figures" / "per_task.pdf").is_file()
 
