@@ -61,22 +61,23 @@ def save_figure(figure: Figure, stem: str | Path, formats: Sequence[str] = ("png
     return paths
 
 
-def write_figures(figures: Mapping[str, Figure], directory: str | Path, logger: Any = None, prefix: str = "figures") -> list[Path]:
+def write_figures(figures: Mapping[str, Figure], directory: str | Path, logger: Any = None, prefix: str = "figures",
+                  dpi: int = 150) -> list[Path]:
     """Save every figure as ``directory/<name>.png`` and ``.pdf``; log each PNG to ``logger`` as ``<prefix>/<name>``."""
     paths = []
     for name, figure in figures.items():
-        written = save_figure(figure, Path(directory) / name)
+        written = save_figure(figure, Path(directory) / name, dpi=dpi)
         if logger is not None:
             logger.image(f"{prefix}/{name}", written[0])
         paths += written
     return paths
 
 
-def results_figures(results: Mapping[str, Any], analyses: bool = True, errors: Mapping[str, Mapping[str, float | None]] | None = None) -> dict[str, Figure]:
+def results_figures(results: Mapping[str, Any], analyses: bool = True, per_task: bool = True) -> dict[str, Figure]:
     """The figures a results.json gives: ``search`` (validation score against each searched
     hyperparameter, from the methods' search histories), ``per_task`` (normalized accuracy per task and
-    method) and, with ``analyses``, ``cka`` and ``scaling`` from its analyses block. ``errors``: a
-    spread per method and task for the bars (e.g. the standard deviation over seeds)."""
+    method, unless ``per_task`` is false) and, with ``analyses``, ``cka`` and ``scaling`` from its
+    analyses block."""
     figures: dict[str, Figure] = {}
     methods = results.get("methods", {})
     histories = {name: [(p["params"], p["val_score"]) for p in m.get("search", [])] for name, m in methods.items()}
@@ -84,10 +85,10 @@ def results_figures(results: Mapping[str, Any], analyses: bool = True, errors: M
     if histories:
         metric = results.get("meta", {}).get("selection_metric", "score")
         figures["search"] = search_figure(histories, ylabel=f"validation {metric}".replace("_", " "))
-    if methods:
-        per_task = {name: {**{t: v["normalized_accuracy"] for t, v in m["per_task"].items()}, "avg": m["avg_normalized_accuracy"]}
-                    for name, m in methods.items()}
-        figures["per_task"] = per_task_figure(per_task, list(results.get("finetuned", {})) or None, errors=errors)
+    if methods and per_task:
+        normalized = {name: {**{t: v["normalized_accuracy"] for t, v in m["per_task"].items()}, "avg": m["avg_normalized_accuracy"]}
+                      for name, m in methods.items()}
+        figures["per_task"] = per_task_figure(normalized, list(results.get("finetuned", {})) or None)
     found = results.get("analyses", {}) if analyses else {}
     if "cka" in found:
         figures["cka"] = cka_figure(found["cka"]["views"], found["cka"]["tasks"])

@@ -56,7 +56,7 @@ def render(groups: Sequence[RunGroup], failed: Sequence[Path], paper: PaperNumbe
     return {"md": "\n".join(md).rstrip() + "\n", "tex": "\n".join(tex), "csv": to_csv(records)}
 
 
-def group_figures(group: RunGroup, directory: Path) -> list[Path]:
+def group_figures(group: RunGroup, directory: Path, dpi: int = 150) -> list[Path]:
     """A group's figures in ``directory`` (PNG and PDF): per-task normalized accuracy over its runs (with
     the standard deviation over seeds as error bars), and each run's search curves and analyses' figures
     (suffixed by the run's directory name when the group has several runs)."""
@@ -75,8 +75,8 @@ def group_figures(group: RunGroup, directory: Path) -> list[Path]:
     figures = {"per_task": per_task_figure(per_task, group.tasks, errors=errors if len(group.runs) > 1 else None)}
     for run in group.runs:
         suffix = f"-{run.path.name}" if len(group.runs) > 1 else ""
-        figures.update({f"{name}{suffix}": figure for name, figure in results_figures(run.results).items() if name != "per_task"})
-    return write_figures(figures, directory)
+        figures.update({f"{name}{suffix}": figure for name, figure in results_figures(run.results, per_task=False).items()})
+    return write_figures(figures, directory, dpi=dpi)
 
 
 def check_outputs(paths: Sequence[Path], overwrite: bool) -> None:
@@ -104,6 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="do not print the markdown")
     parser.add_argument("--no-figures", dest="figures", action="store_false",
                         help="do not draw the figures (per-task bars, search curves, CKA heatmaps, scaling curves)")
+    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG figures (default: 150)")
     return parser.parse_args(argv)
 
 
@@ -113,6 +114,8 @@ def run(argv: Sequence[str] | None = None) -> list[Path]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise KnotsError(f"unknown format {unknown[0] if unknown else '(none)'!r}; choose from md, tex, csv")
+    if args.dpi < 10:
+        raise KnotsError(f"--dpi must be at least 10, got {args.dpi}")
     if args.out is None and len(args.runs) > 1:
         raise KnotsError("several RUN_DIRs: say where the report goes with --out")
     out = args.out or args.runs[0] / "report"
@@ -124,7 +127,7 @@ def run(argv: Sequence[str] | None = None) -> list[Path]:
     figures: list[list[Path]] = []
     if args.figures:
         for index, group in enumerate(groups):
-            figures.append(group_figures(group, out / "figures" / (f"group-{index}" if len(groups) > 1 else "")))
+            figures.append(group_figures(group, out / "figures" / (f"group-{index}" if len(groups) > 1 else ""), args.dpi))
     texts = render(groups, failed, load_paper_numbers(), figures, out)
     paths = write_report(texts, out, formats, args.overwrite)
     drawn = [p for group in figures for p in group]

@@ -189,6 +189,7 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     run = write_run(tmp_path / "run", results(["a", "b"], "text6", "minilm"))
     assert "--out" in error([str(run), str(run)])
     assert "unknown format 'pdf'" in error([str(run), "--formats", "pdf"])
+    assert "--dpi must be at least 10" in error([str(run), "--dpi", "5"])
     assert main([str(run), "--quiet", "--formats", "md"]) == 0
     assert "wrote" in capsys.readouterr().err
     assert sorted(p.name for p in (run / "report").iterdir()) == ["figures", "report.md"]
@@ -204,3 +205,87 @@ def test_module_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "knots.report", str(run), "--out", str(tmp_path / "rep")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("# knots-report") and (tmp_path / "rep" / "report.tex").is_file()
+
+
+def with_analyses(data: dict, tasks: list[str]) -> dict:
+    """A results.json of the current schema: search histories, trained heads' null joint, analyses."""
+    for name, method in data["methods"].items():
+        method["search"] = [{"params": {**method["hyperparameters"], "scaling": s}, "val_score": 40.0 + 10 * s} for s in (0.3, 0.6)]
+        method["joint"] = None
+    data["meta"]["heads"] = "trained"
+    data["analyses"] = {
+        "cka": {"tasks": tasks, "views": {"lora": [[1.0, 0.2, 0.4], [0.2, 1.0, 0.6], [0.4, 0.6, 1.0]],
+                                          "full": [[1.0, 0.9, None], [0.9, 1.0, 0.7], [None, 0.7, 1.0]]},
+                "mean_pairwise": {"lora": 0.4, "full": 0.8}},
+        "scaling": {"confidence": 0.95, "n_tasks": 3, "methods": {
+            "ta": [{"n": 2, "mean": 90.0, "low": 88.0, "high": 92.0, "std": 1.0, "count": 3, "possible": 3},
+                   {"n": 3, "mean": 85.0, "low": None, "high": None, "std": None, "count": 1, "possible": 1}]},
+            "subsets": {"ta": []}},
+    }
+    return data
+
+
+def test_current_results_schema_analyses_and_trained_heads(tmp_path):
+    """Hand-made results.json: a task's CKA cell is its mean CKA with the others (None skipped), the
+    scaling cells carry the interval's half-width, and without joint numbers the joint tables go."""
+    tasks = ["a", "b", "c"]
+    run = write_run(tmp_path / "run", with_analyses(results(tasks, "text6", "minilm"), tasks))
+    assert main([str(run), "--quiet", "--dpi", "40"]) == 0
+    md = (run / "report" / "report.md").read_text()
+    assert "Joint task:" not in md.split("Joint task: not applicable")[0] and "Hits@1" not in md
+    assert "Joint task: not applicable" in md
+    assert "| view | a | b | c | avg pairwise |" in md
+    assert "| LoRA | 0.30 | 0.40 | 0.50 | 0.40 |" in md  # a: (0.2 + 0.4) / 2, b: (0.2 + 0.6) / 2, c: (0.4 + 0.6) / 2
+    assert "| Full finetuning | 0.90 | 0.80 | 0.70 | 0.80 |" in md  # the missing pair a-c is skipped
+    assert "| TA | 90.0 ± 2.0 | 85.0 |" in md and "half-width of the 95% Student-t interval" in md
+    figures = run / "report" / "figures"
+    for name in ("per_task", "search", "cka", "scaling"):
+        assert (figures / f"{name}.png").is_file() and (figures / f"{name}.pdf").is_file(), name
+        assert f"![{name}](figures/{name}.png)" in md
+    csv_rows = list(csv.DictReader(io.StringIO((run / "report" / "report.csv").read_text())))
+    assert {r["table"] for r in csv_rows} == {"per_task", "averages", "cka", "scaling"}
+
+
+def test_report_figures_of_seed_groups_carry_the_spread(tmp_path):
+    """Per-task bars of a seed group are means with the standard deviation as error bars; each run's
+    search curves are drawn separately."""
+    from knots.analyses import figures as module
+
+    seen = {}
+    original = module.per_task_figure
+
+    def spy(per_task, tasks=None, **kwargs):
+        seen.update(per_task=per_task, errors=kwargs.get("errors"))
+        return original(per_task, tasks, **kwargs)
+
+    sweep = tmp_path / "multirun"
+    for job, shift in enumerate([0.0, 2.0]):
+        write_run(sweep / str(job), with_analyses(results(["a", "b", "c"], "text6", "minilm", shift=shift), ["a", "b", "c"]), [f"seed={job}"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "per_task_figure", spy)
+        assert main([str(sweep), "--quiet", "--dpi", "40"]) == 0
+    assert seen["per_task"]["ta"]["a"] == pytest.approx(61.0) and seen["errors"]["ta"]["a"] == pytest.approx(2 ** 0.5)
+    names = sorted(p.name for p in (sweep / "report" / "figures").glob("*.png"))
+    assert names == ["cka-0.png", "cka-1.png", "per_task.png", "scaling-0.png", "scaling-1.png", "search-0.png", "search-1.png"]
+
+
+def test_sweep_comparison_with_null_joint(tmp_path, capsys):
+    """experiments.collect renders through knots.report: n/a for a null joint, the best value bold in LaTeX."""
+    from experiments.collect import main as collect
+
+    sweep = tmp_path / "multirun"
+    write_run(sweep / "0", results(["a", "b"], "text6", "minilm"), ["methods=[ta]", "model.head.kind=zero_shot"])
+    write_run(sweep / "1", with_analyses(results(["a", "b", "c"], "text6", "minilm", shift=5.0), ["a", "b", "c"]),
+              ["methods=[ta]", "model.head.kind=trained"])
+    (sweep / "2" / ".hydra").mkdir(parents=True)
+    (sweep / "2" / ".hydra" / "overrides.yaml").write_text("- methods=[nope]\n")
+    assert collect([str(sweep)]) == 0
+    md = (sweep / "comparison.md").read_text()
+    assert capsys.readouterr().out == md
+    assert "| job | method | avg acc | avg norm acc | joint hits@1 | joint hits@3 | joint hits@5 |" in md
+    row = "| methods=[ta] model.head.kind=trained | ta | "  # labels: the overrides that differ across the jobs
+    assert row in md and md.split(row)[1].split("\n")[0].endswith("n/a | n/a | n/a |")
+    assert "Failed jobs (no results.json): methods=[nope]" in md
+    tex = (sweep / "comparison.tex").read_text()
+    assert r"\textbf{75.0}" in tex and tex.count(r"\textbf") == 5  # KnOTS-TIES with shift 5 (75.0) is best of its column; one per column
+    assert collect([str(tmp_path / "missing")]) == 2
