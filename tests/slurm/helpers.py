@@ -54,8 +54,28 @@ def sweep_args(tiny_env: Path, sweep: Path, *overrides: str, launcher: str = "sl
 
 
 def run_sweep(tmp_path: Path, args: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=tmp_path, env=job_env(tmp_path / "logs"), capture_output=True, text=True,
-                          timeout=timeout)
+    """Run ``knots-run -m`` to the end; on a timeout, cancel the sweep's jobs before failing."""
+    try:
+        return subprocess.run(list(args), cwd=tmp_path, env=job_env(tmp_path / "logs"), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        cancel_jobs(Path(next(a for a in args if a.startswith("hydra.sweep.dir=")).split("=", 1)[1]))
+        raise
+
+
+def stop_sweep(proc: subprocess.Popen, sweep: Path) -> None:
+    """Stop a ``knots-run -m`` started in the background if it still runs, and the jobs it submitted."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+        cancel_jobs(sweep)
+
+
+def cancel_jobs(sweep: Path) -> None:
+    """``scancel`` the jobs submitted for ``sweep`` (named by submitit's folders), and only those."""
+    ids = [p.name for p in (sweep / ".submitit").glob("*") if p.is_dir() and p.name.replace("_", "").isdigit()]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
 
 
 class RecordJob(Callback):
@@ -68,9 +88,10 @@ class RecordJob(Callback):
         (Path(config.hydra.runtime.output_dir) / "job.json").write_text(json.dumps(record))
 
 
-def submitit_ids(sweep: Path) -> list[str]:
-    """The scheduler ids of a sweep's jobs (``<array id>_<index>``), from submitit's folders."""
-    return sorted(p.name for p in (sweep / ".submitit").glob("*_*") if p.is_dir())
+def job_record(job_dir: Path) -> dict[str, Any]:
+    """What ``RecordJob`` wrote in the job's process: ``hydra_job_id`` (submitit's job id, ``<id>`` or
+    ``<array id>_<index>``, naming ``<sweep>/.submitit/<id>/``), ``slurm_job_id`` and ``group``."""
+    return json.loads((job_dir / "job.json").read_text())
 
 
 def squeue(job_id: str) -> tuple[str, str]:
