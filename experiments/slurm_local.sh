@@ -7,20 +7,21 @@
 #
 # Debian, as root, without systemd: `apt-get install slurm-wlm munge` (SLURM 22.05 on Debian 12), munged
 # run as the munge user, and the two SLURM daemons run in the background with `-D`. No cgroups and no
-# accounting database: processes are tracked by /proc (proctrack/linuxproc), tasks are not confined
-# (task/none), accounting is off (submitit warns that `sacct` is unavailable and still collects results).
-# The node's CPUs and memory are read with `slurmd -C`; NVIDIA GPUs, if any, become `gpu` generic
-# resources. Jobs share the node by cores (select/cons_tres, CR_Core), so several jobs run at once.
+# accounting database: processes are tracked by /proc (proctrack/linuxproc), each job is bound to its
+# cores with sched_setaffinity (task/affinity), accounting is off (submitit warns that `sacct` is
+# unavailable and still collects results). The node's CPUs and memory are read with `slurmd -C`; NVIDIA
+# GPUs, if any, become `gpu` generic resources. Jobs share the node by cores (select/cons_tres, CR_Core),
+# so several jobs run at once.
 #
-# The cluster's configuration is /etc/slurm/slurm.conf (where the SLURM commands look for it); a file
-# there that this script did not write is never overwritten. Logs and state are under /var/log/slurm
+# The cluster's configuration is /etc/slurm/slurm.conf (where the SLURM commands look for it; or
+# $SLURM_CONF); a file there that this script did not write is never overwritten. Logs and state are under /var/log/slurm
 # and /var/lib/slurm/knots-local. `up` and `down` are idempotent. Every failure is one line on stderr
 # and a non-zero exit status.
 set -euo pipefail
 
 MARKER="# Written by knots experiments/slurm_local.sh"
-CONF=/etc/slurm/slurm.conf
-GRES_CONF=/etc/slurm/gres.conf
+CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}  # the SLURM commands and daemons read SLURM_CONF too
+GRES_CONF=$(dirname "$CONF")/gres.conf
 STATE=/var/lib/slurm/knots-local
 LOGS=/var/log/slurm
 RUN=/run/knots-slurm
@@ -28,11 +29,21 @@ PARTITION=local
 
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() {  # alive PIDFILE: the process named like the file (slurmctld.pid -> slurmctld) runs
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
+}
 
 preflight() {
     [ "$(id -u)" = 0 ] || die "cannot start a SLURM cluster: must run as root (uid is $(id -u))"
     [ -f /etc/debian_version ] || die "cannot start a SLURM cluster: not a Debian system (no /etc/debian_version)"
+    local file
+    for file in "$CONF" "$GRES_CONF"; do
+        if [ -f "$file" ] && ! grep -qF "$MARKER" "$file"; then
+            die "cannot start a SLURM cluster: $file exists and was not written by this script (move it away to use the local cluster)"
+        fi
+    done
     if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
         command -v apt-get >/dev/null || die "cannot install SLURM: apt-get is not available"
         local log
@@ -57,9 +68,11 @@ start_munge() {
         return 0  # a munged is already serving credentials
     fi
     runuser -u munge -- /usr/sbin/munged --force 2>"$RUN/munged.err" || die "munged did not start: $(head -n1 "$RUN/munged.err")"
-    cp /run/munge/munged.pid "$RUN/munged.pid"  # ours to stop in `down`
     for _ in $(seq 50); do
-        munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
+        if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+            cp /run/munge/munged.pid "$RUN/munged.pid"  # ours to stop in `down`
+            return 0
+        fi
         sleep 0.1
     done
     die "munged started but does not answer (see /var/log/munge/munged.log)"
@@ -117,22 +130,22 @@ $node
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 )
-    if [ -f "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
-        die "$CONF exists and was not written by this script; not touching it (move it away to use the local cluster)"
-    fi
     if [ "$gpus" -gt 0 ]; then
         printf '%s\nNodeName=%s Name=gpu File=/dev/nvidia[0-%d]\n' "$MARKER" "$host" "$((gpus - 1))" >"$GRES_CONF"
     fi
     if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new" ]; then
         return 1  # unchanged
     fi
-    install -d /etc/slurm
+    install -d "$(dirname "$CONF")"
     printf '%s\n' "$new" >"$CONF.tmp" && mv "$CONF.tmp" "$CONF"
     return 0
 }
 
 node_state() {  # the node's state, empty when no controller answers within 5 s
     [ -f "$CONF" ] || return 0
+    if grep -qF "$MARKER" "$CONF" && ! alive "$RUN/slurmctld.pid"; then
+        return 0  # our cluster, and its controller is not running
+    fi
     timeout 5 sinfo -h -N -p "$PARTITION" -o %T 2>/dev/null | head -n1 || true
 }
 
@@ -189,6 +202,7 @@ up() {
 }
 
 down() {
+    [ "$(id -u)" = 0 ] || die "cannot stop the SLURM cluster: must run as root (uid is $(id -u))"
     if alive "$RUN/slurmctld.pid"; then
         # Cancel every job so that no job step outlives the daemons, then wait for them to end.
         scancel --full --quiet --partition="$PARTITION" 2>/dev/null || true
@@ -199,10 +213,7 @@ down() {
     fi
     stop_daemon slurmd
     stop_daemon slurmctld
-    if alive "$RUN/munged.pid"; then
-        kill "$(cat "$RUN/munged.pid")" 2>/dev/null || true
-    fi
-    rm -f "$RUN/munged.pid"
+    stop_daemon munged
     echo "SLURM cluster down"
 }
 

@@ -14,7 +14,8 @@ from tests.slurm.helpers import cluster, why_no_cluster
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """A SLURM cluster to submit to: the one running, else the local one of experiments/slurm_local.sh,
-    started here (root, Debian) and stopped after the tests; skips with the reason when neither works."""
+    started here (root, Debian; not with KNOTS_SLURM_TESTS=0) and stopped after the tests; skips with the
+    reason when neither works."""
     if cluster("status", timeout=30).returncode == 0:
         yield
         return

@@ -43,3 +43,16 @@ def test_up_on_a_running_cluster_is_quick_and_changes_nothing(slurm_cluster):
     again = cluster("up")
     assert again.returncode == 0 and time.perf_counter() - start < 10
     assert again.stdout.splitlines()[0] == before.stdout.splitlines()[0]
+
+
+def test_never_overwrites_a_configuration_it_did_not_write(tmp_path):
+    if os.geteuid() != 0 or not os.path.isfile("/etc/debian_version"):
+        pytest.skip("the configuration is checked after the root and Debian checks")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=theirs\n")
+    proc = subprocess.run(["bash", str(SCRIPT), "up"], env={**os.environ, "SLURM_CONF": str(conf)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"slurm_local.sh: cannot start a SLURM cluster: {conf} exists and was not written by this script "
+        "(move it away to use the local cluster)"]
+    assert conf.read_text() == "ClusterName=theirs\n" and sorted(p.name for p in tmp_path.iterdir()) == ["slurm.conf"]
