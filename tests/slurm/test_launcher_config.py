@@ -70,7 +70,7 @@ def test_model_resources_are_the_launcher_defaults(compose_launcher, tiny_env, t
 def test_local_launcher_defaults(compose_launcher):
     launcher, _ = compose_launcher("hydra/launcher=local")
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
-    assert (launcher["timeout_min"], launcher["cpus_per_task"], launcher["gpus_per_node"]) == (60, 1, 0)
+    assert (launcher["timeout_min"], launcher["cpus_per_task"], launcher["gpus_per_node"]) == (60, 1, None)
     assert instantiate(launcher).params["cpus_per_task"] == 1
 
 
