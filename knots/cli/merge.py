@@ -31,7 +31,7 @@ SVD_PATHS = ("factored", "dense")
 
 def hyperparameters(method_cfg: DictConfig) -> Hyperparameters:
     fields = {key: method_cfg[key] for key in Hyperparameters.__dataclass_fields__ if key in method_cfg}
-    unknown = sorted(set(method_cfg) - set(Hyperparameters.__dataclass_fields__) - {"name"})
+    unknown = sorted(set(method_cfg) - set(Hyperparameters.__dataclass_fields__) - {"name", "search", "repeat", "ranges", "_target_"})
     if unknown:
         raise ConfigError(f"unknown method option(s) {', '.join('method.' + u for u in unknown)}")
     return Hyperparameters(**fields)

@@ -3,7 +3,7 @@
 from knots.merging import methods as _methods  # noqa: F401  (registers the built-in methods)
 from knots.merging.alignment import Ingredients, ModuleAlignment, align, align_module
 from knots.merging.family import Hyperparameters, Stages, merge_family
-from knots.merging.registry import METHODS, MergeMethod, get_method, load_method_config, method_names, register
+from knots.merging.registry import METHODS, MergeMethod, SearchSpec, get_method, load_method_config, load_search_spec, method_names, register
 from knots.merging.session import MergeResult, MergeSession
 from knots.merging.taskset import TaskSet
 
@@ -15,12 +15,14 @@ __all__ = [
     "MergeResult",
     "MergeSession",
     "ModuleAlignment",
+    "SearchSpec",
     "Stages",
     "TaskSet",
     "align",
     "align_module",
     "get_method",
     "load_method_config",
+    "load_search_spec",
     "merge_family",
     "method_names",
     "register",

@@ -1,15 +1,18 @@
 """The registry of merge methods: name -> function, task-vector space and paper reference.
 
 Adding a method is one function registered here plus one ``conf/method/<name>.yaml`` with its
-default hyperparameters.
+default hyperparameters and its search: ``search`` (the hyperparameters the linear validation search
+tunes, in order), optionally ``repeat`` (hyperparameters whose every value re-evaluates the selected
+point, e.g. DARE's seed) and ``ranges`` (method-specific values, where the paper searches other values
+than the shared search config).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -17,7 +20,10 @@ from knots.errors import ConfigError
 from knots.merging.family import Hyperparameters
 from knots.merging.vectors import TaskVectors
 
-Space = Literal["dense", "knots", "knots_row"]
+#: What a method merges: ``dense``, the full updates entry by entry; ``knots`` / ``knots_row``, the KnOTS
+#: aligned blocks; ``core``, the Core Space cores; ``subspace``, the full updates through spectral
+#: operations that commute with orthonormal changes of basis (computed on the Core Space cores).
+Space = Literal["dense", "knots", "knots_row", "core", "subspace"]
 MergeFunction = Callable[[TaskVectors, Hyperparameters, bool], dict[str, torch.Tensor]]
 
 
@@ -85,3 +91,40 @@ def load_method_config(name: str) -> dict[str, object]:
     if not path.is_file():
         raise ConfigError(f"merge method {name!r} has no config file {path}")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+#: Keys of a method config file that describe its search, not its defaults.
+SEARCH_KEYS = ("search", "repeat", "ranges")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How the validation search tunes a method: coordinates in order, repeated ones, own ranges."""
+
+    search: tuple[str, ...]
+    repeat: tuple[str, ...] = ()
+    ranges: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+
+def load_search_spec(name: str) -> SearchSpec:
+    """The ``search``, ``repeat`` and ``ranges`` of ``conf/method/<name>.yaml``, checked against the
+    hyperparameters the method reads and their valid values."""
+    method = get_method(name)
+    config = load_method_config(name)
+    where = f"conf/method/{name}.yaml"
+    lists = {key: config.get(key, []) for key in ("search", "repeat")}
+    ranges = config.get("ranges", {}) or {}
+    for key, value in lists.items():
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list of hyperparameter names, got {value!r}")
+    if not isinstance(ranges, dict):
+        raise ConfigError(f"{where}: ranges must map hyperparameter names to lists of values")
+    for hp in [*lists["search"], *lists["repeat"], *ranges]:
+        if hp not in method.uses:
+            raise ConfigError(f"{where}: {name} does not read hyperparameter {hp!r} (it uses: {', '.join(method.uses)})")
+    for hp, values in ranges.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: ranges.{hp} must be a non-empty list of values")
+        for value in values:
+            Hyperparameters(**{hp: value})
+    return SearchSpec(tuple(lists["search"]), tuple(lists["repeat"]), {hp: tuple(values) for hp, values in ranges.items()})
