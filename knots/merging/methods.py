@@ -92,7 +92,7 @@ def iso_cts(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -
 
     def merge(stack: torch.Tensor, module: str) -> torch.Tensor:
         d = vectors.joint_rank(module)
-        return spectral.iso_cts(stack, d, hp.common_space_fraction, spectral.rank_tolerance(stack))
+        return spectral.iso_cts(stack, d, hp.common_space_fraction, spectral.rank_tolerance(stack), vectors.task_factors(module))
 
     return per_module(vectors, merge, hp, progress, "Iso-CTS")
 
@@ -107,7 +107,7 @@ def tsv_m(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -> 
 
     def merge(stack: torch.Tensor, module: str) -> torch.Tensor:
         per_task = spectral.tsv_per_task(min(vectors.shape(module)), stack.shape[0])
-        return spectral.tsv(stack, per_task, spectral.rank_tolerance(stack))
+        return spectral.tsv(stack, per_task, spectral.rank_tolerance(stack), vectors.task_factors(module))
 
     return per_module(vectors, merge, hp, progress, "TSV-M")
 
@@ -118,6 +118,6 @@ def core_tsv(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) 
 
     def merge(stack: torch.Tensor, module: str) -> torch.Tensor:
         per_task = spectral.tsv_per_task(min(stack.shape[1:]), stack.shape[0])
-        return spectral.tsv(stack, per_task, spectral.rank_tolerance(stack))
+        return spectral.tsv(stack, per_task, spectral.rank_tolerance(stack), vectors.task_factors(module))
 
     return per_module(vectors, merge, hp, progress, "Core TSV")

@@ -135,7 +135,7 @@ class MergeSession:
             return FullUpdates(self.taskset, self.dense_dtype)
         if space == "subspace" and self.svd_path == "dense":
             return DenseUpdates(self.taskset, self.compute_dtype)
-        return AlignedBlocks(self.ingredients(ORIENTATION[space]))
+        return AlignedBlocks(self.ingredients(ORIENTATION[space]), self.taskset)
 
     def merge(self, method: str, **hyperparameters: Any) -> MergeResult:
         """Merge with a registered method; unspecified hyperparameters take their defaults."""

@@ -10,7 +10,9 @@
 Each function takes a task stack ``(n, a, b)`` and returns the merged ``(a, b)`` matrix, before the
 method's scaling. The stack is either the dense updates or their exact cores in orthonormal bases
 (``dW_t = U C_t V``): every step (SVDs, projections, orthogonal polar factors) commutes with such a change
-of basis, so merging the cores and rebuilding gives the merge of the dense updates.
+of basis, so merging the cores and rebuilding gives the merge of the dense updates. Where each task is
+also given as factors ``C_t = L_t R_t`` (rank ``r``), its SVDs go through two thin QRs and an
+``(r x r)`` SVD (:func:`factored_svd`) instead of an SVD of the whole ``(a x b)`` matrix.
 
 The authors' code runs on full-rank weight updates. On LoRA updates, whose rank is far below the
 matrix size, their SVDs also return singular vectors with zero singular values: an arbitrary completion
@@ -22,7 +24,11 @@ authors' (tested side by side).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 #: Singular values at or below this fraction of the largest task's Frobenius norm count as zero.
 RANK_RTOL = 1e-10
@@ -41,9 +47,20 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     return u @ vt
 
 
-def nonzero_svd(matrix: torch.Tensor, tolerance: float, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD's leading components (at most ``limit``) whose singular values exceed ``tolerance``."""
-    u, s, vt = torch.linalg.svd(matrix, full_matrices=False)
+def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact thin SVD of ``left @ right`` (``(a x r) @ (r x b)``) through thin QRs of both factors."""
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    u, s, vt = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    return q_left @ u, s, vt @ q_right.T
+
+
+def nonzero_svd(
+    matrix: torch.Tensor, tolerance: float, limit: int | None = None, factors: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD's leading components (at most ``limit``) whose singular values exceed ``tolerance``;
+    through ``factors`` (``matrix = left @ right``) where given."""
+    u, s, vt = factored_svd(*factors) if factors is not None else torch.linalg.svd(matrix, full_matrices=False)
     keep = int((s > tolerance).sum())
     if limit is not None:
         keep = min(keep, limit)
@@ -78,7 +95,7 @@ def common_space_split(d: int, n_tasks: int, fraction: float) -> tuple[int, int]
     return common, int((d - common) / n_tasks)
 
 
-def iso_cts(stack: torch.Tensor, d: int, fraction: float, tolerance: float) -> torch.Tensor:
+def iso_cts(stack: torch.Tensor, d: int, fraction: float, tolerance: float, factors: Factors | None = None) -> torch.Tensor:
     """Iso-CTS: the sum's top directions plus each task's own, orthogonalized, with an isotropic spectrum.
 
     ``iso.py``, ``iso_cts``: the top ``common`` singular triplets of the sum; each task's update with the
@@ -90,9 +107,12 @@ def iso_cts(stack: torch.Tensor, d: int, fraction: float, tolerance: float) -> t
     common, per_task = common_space_split(d, stack.shape[0], fraction)
     u_common, s_common, vt_common = nonzero_svd(stack.sum(dim=0), tolerance, common)
     lefts, values, rights = [], [], []
-    for task in stack:
-        residual = task - u_common @ (u_common.T @ task)
-        u, s, vt = nonzero_svd(residual, tolerance, per_task)
+    for index, task in enumerate(stack):
+        if factors is None:
+            u, s, vt = nonzero_svd(task - u_common @ (u_common.T @ task), tolerance, per_task)
+        else:
+            left, right = factors[index]
+            u, s, vt = nonzero_svd(task, tolerance, per_task, (left - u_common @ (u_common.T @ left), right))
         lefts.append(u)
         values.append(s)
         rights.append(vt)
@@ -110,7 +130,7 @@ def tsv_per_task(d: int, n_tasks: int) -> int:
     return int(d * (1 / n_tasks))
 
 
-def tsv(stack: torch.Tensor, per_task: int, tolerance: float) -> torch.Tensor:
+def tsv(stack: torch.Tensor, per_task: int, tolerance: float, factors: Factors | None = None) -> torch.Tensor:
     """TSV-M: every task's top singular triplets, decorrelated through orthogonal polar factors.
 
     ``TSVM_utils.py``, ``compute_and_sum_svd_mem_reduction``: the first ``per_task`` triplets of every
@@ -118,8 +138,8 @@ def tsv(stack: torch.Tensor, per_task: int, tolerance: float) -> torch.Tensor:
     ``polar(U_cat) diag(S_cat) polar(V_cat^T)^T``.
     """
     lefts, values, rights = [], [], []
-    for task in stack:
-        u, s, vt = nonzero_svd(task, tolerance, per_task)
+    for index, task in enumerate(stack):
+        u, s, vt = nonzero_svd(task, tolerance, per_task, None if factors is None else factors[index])
         lefts.append(u)
         values.append(s)
         rights.append(vt)

@@ -32,6 +32,8 @@ class TaskVectors(Protocol):
 
     def joint_rank(self, module: str) -> int: ...
 
+    def task_factors(self, module: str, dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]] | None: ...
+
 
 @dataclass
 class FullUpdates:
@@ -65,6 +67,10 @@ class FullUpdates:
         """The dimension of the space the tasks' updates share: ``min(out, in, sum of ranks)``."""
         return min(*self.taskset.shapes[module], sum(self.taskset.ranks(module)))
 
+    def task_factors(self, module: str, dtype: torch.dtype = torch.float64) -> None:
+        """None: the dense path takes every SVD of the full matrices, as the reference does."""
+        return None
+
 
 @dataclass
 class AlignedBlocks:
@@ -74,6 +80,7 @@ class AlignedBlocks:
     """
 
     ingredients: Ingredients
+    taskset: TaskSet | None = None
 
     @property
     def tasks(self) -> list[str]:
@@ -111,6 +118,21 @@ class AlignedBlocks:
         """Core Space: the smaller side of the cores, ``min(out, in, sum of ranks)``."""
         alignment = self.ingredients.modules[module]
         return min(alignment.blocks.shape[1:])
+
+    def task_factors(self, module: str, dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Core Space, with the task set known: every task's core as factors
+        ``(U_ref^T s B, A V_ref^T)`` of its LoRA rank (empty for a task without the module)."""
+        alignment = self.ingredients.modules[module]
+        if alignment.V is None or self.taskset is None:
+            return None
+        U, V = alignment.U.to(dtype), alignment.V.to(dtype)
+        factors = []
+        for lora in self.taskset.factors[module]:
+            if lora is None:
+                factors.append((U.new_zeros(U.shape[1], 0), V.new_zeros(0, V.shape[0])))
+            else:
+                factors.append((U.T @ lora.scaled_B(dtype), lora.A.to(dtype) @ V.T))
+        return factors
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from knots.errors import ConfigError
 from knots.lora import LoraAdapter, LoraModule
 from knots.merging import Hyperparameters, MergeSession, method_names
-from knots.merging.spectral import common_space_split, tsv_per_task
+from knots.merging.spectral import common_space_split, factored_svd, tsv_per_task
 
 from . import dense_reference as ref
 from .helpers import random_adapters
@@ -222,3 +222,15 @@ def test_missing_module_is_a_zero_update_in_every_new_method():
         if method in ("core_ta", "iso_c", "core_iso_c"):  # the zero task changes nothing else
             alone = MergeSession(reduced, storage_dtype=torch.float64).merge(method, scaling=0.5, merge_func="sum").delta_state_dict(torch.float64)["b.weight"]
             assert relative(full["factored"], alone) < 1e-9, method
+
+
+@pytest.mark.parametrize("shape", [(30, 4, 20), (5, 8, 40), (40, 8, 5)])
+def test_factored_svd_is_the_svd_of_the_product(shape):
+    a, r, b = shape
+    generator = torch.Generator().manual_seed(0)
+    left, right = torch.randn(a, r, generator=generator, dtype=torch.float64), torch.randn(r, b, generator=generator, dtype=torch.float64)
+    u, s, vt = factored_svd(left, right)
+    assert torch.allclose((u * s) @ vt, left @ right, atol=1e-12)
+    assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(vt @ vt.T, torch.eye(vt.shape[0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(s, torch.linalg.svdvals(left @ right)[: s.numel()], atol=1e-12)
