@@ -65,11 +65,13 @@ def dare_ties(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False)
 
 
 def per_module(vectors: TaskVectors, merge, hp: Hyperparameters, progress: bool, label: str) -> dict[str, torch.Tensor]:
-    """Apply ``merge(stack, module)`` to every module's task stack in float64; scale by ``hp.scaling``."""
+    """Apply ``merge(stack, module, tolerance)`` to every module's task stack in float64, with the zero
+    threshold for its singular values; scale by ``hp.scaling``."""
     merged = {}
     for module in tqdm(vectors.modules, desc=label, unit="module", disable=not progress, leave=False):
         stack = vectors.stack(module)
-        merged[module] = hp.scaling * merge(stack.to(torch.float64), module).to(stack.dtype)
+        work = stack.to(torch.float64)
+        merged[module] = hp.scaling * merge(work, module, spectral.rank_tolerance(work, stack.dtype)).to(stack.dtype)
     return merged
 
 
@@ -77,7 +79,7 @@ def per_module(vectors: TaskVectors, merge, hp: Hyperparameters, progress: bool,
 @register("core_iso_c", "core", CORE_REF.format("merge_method='tv' with isotropize=True (isotropize_matrix)"))
 def iso_c(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -> dict[str, torch.Tensor]:
     """Iso-C: the sum of the task updates with a flat spectrum (every singular value their mean), scaled."""
-    return per_module(vectors, lambda stack, module: spectral.iso_c(stack, spectral.rank_tolerance(stack)), hp, progress, "Iso-C")
+    return per_module(vectors, lambda stack, module, tolerance: spectral.iso_c(stack, tolerance), hp, progress, "Iso-C")
 
 
 @register("iso_cts", "subspace", ISO_REF.format("iso_cts"), uses=("scaling", "common_space_fraction"))
@@ -90,9 +92,9 @@ def iso_cts(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -
     fraction above ``sum of ranks / min(out, in)``, which is Iso-C.
     """
 
-    def merge(stack: torch.Tensor, module: str) -> torch.Tensor:
+    def merge(stack: torch.Tensor, module: str, tolerance: float) -> torch.Tensor:
         d = vectors.joint_rank(module)
-        return spectral.iso_cts(stack, d, hp.common_space_fraction, spectral.rank_tolerance(stack), vectors.task_factors(module))
+        return spectral.iso_cts(stack, d, hp.common_space_fraction, tolerance, vectors.task_factors(module))
 
     return per_module(vectors, merge, hp, progress, "Iso-CTS")
 
@@ -105,9 +107,9 @@ def tsv_m(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -> 
     rank is lower.
     """
 
-    def merge(stack: torch.Tensor, module: str) -> torch.Tensor:
+    def merge(stack: torch.Tensor, module: str, tolerance: float) -> torch.Tensor:
         per_task = spectral.tsv_per_task(min(vectors.shape(module)), stack.shape[0])
-        return spectral.tsv(stack, per_task, spectral.rank_tolerance(stack), vectors.task_factors(module))
+        return spectral.tsv(stack, per_task, tolerance, vectors.task_factors(module))
 
     return per_module(vectors, merge, hp, progress, "TSV-M")
 
@@ -116,8 +118,8 @@ def tsv_m(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -> 
 def core_tsv(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False) -> dict[str, torch.Tensor]:
     """TSV-M on the Core Space cores: each task keeps 1/n of the core's rank, scaled."""
 
-    def merge(stack: torch.Tensor, module: str) -> torch.Tensor:
+    def merge(stack: torch.Tensor, module: str, tolerance: float) -> torch.Tensor:
         per_task = spectral.tsv_per_task(min(stack.shape[1:]), stack.shape[0])
-        return spectral.tsv(stack, per_task, spectral.rank_tolerance(stack), vectors.task_factors(module))
+        return spectral.tsv(stack, per_task, tolerance, vectors.task_factors(module))
 
     return per_module(vectors, merge, hp, progress, "Core TSV")

@@ -30,15 +30,17 @@ import torch
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
-#: Singular values at or below this fraction of the largest task's Frobenius norm count as zero.
+#: Singular values at or below this fraction of the largest task's Frobenius norm count as zero (or
+#: below 64 rounding errors of the dtype the task matrices were stored in, if that is larger).
 RANK_RTOL = 1e-10
 
 
-def rank_tolerance(stack: torch.Tensor) -> float:
+def rank_tolerance(stack: torch.Tensor, stored: torch.dtype | None = None) -> float:
     """The zero threshold for singular values of a module's task matrices (or sums of them)."""
     if stack.numel() == 0:
         return 0.0
-    return RANK_RTOL * float(stack.flatten(1).norm(dim=1).max())
+    relative = max(RANK_RTOL, 64 * torch.finfo(stored or stack.dtype).eps)
+    return relative * float(stack.flatten(1).norm(dim=1).max())
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

@@ -72,3 +72,18 @@ def test_knots_merge_runs_every_new_method(peft_adapters, tmp_path, method, svd_
     assert set(written["hyperparameters"]) == set(summary["hyperparameters"]) and "scaling" in written["hyperparameters"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "delta_weights.safetensors").exists()
     assert (out / "alignment" / "ingredients.safetensors").is_file()
+
+
+def test_core_space_round_trip(peft_adapters, tmp_path):
+    from knots.merging import Ingredients
+
+    adapters = [load_adapter(path) for path in peft_adapters]
+    session = MergeSession(adapters)
+    before = {m: session.merge(m, scaling=0.5, top_k=30).delta_state_dict() for m in ("core_ties", "tsv_m")}
+    session.ingredients("core").save(tmp_path)
+    fresh = MergeSession(adapters)
+    fresh.set_ingredients(Ingredients.load(tmp_path))
+    for method, delta in before.items():
+        after = fresh.merge(method, scaling=0.5, top_k=30).delta_state_dict()
+        assert all(torch.equal(delta[k], after[k]) for k in delta)
+    assert "align_core" not in fresh.timings
