@@ -4,6 +4,8 @@ updates."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -64,7 +66,10 @@ def dare_ties(vectors: TaskVectors, hp: Hyperparameters, progress: bool = False)
     return merge_family(vectors, hp, Stages(drop=True, trim=True, elect=True), progress)
 
 
-def per_module(vectors: TaskVectors, merge, hp: Hyperparameters, progress: bool, label: str) -> dict[str, torch.Tensor]:
+ModuleMerge = Callable[[torch.Tensor, str, float], torch.Tensor]
+
+
+def per_module(vectors: TaskVectors, merge: ModuleMerge, hp: Hyperparameters, progress: bool, label: str) -> dict[str, torch.Tensor]:
     """Apply ``merge(stack, module, tolerance)`` to every module's task stack in float64, with the zero
     threshold for its singular values; scale by ``hp.scaling``."""
     merged = {}
