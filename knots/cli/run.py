@@ -29,8 +29,6 @@ def _task(cfg: DictConfig) -> float | None:
 
     try:
         run_cfg = to_run_config(cfg)
-        if run_cfg.logger.group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
-            run_cfg.logger.group = Path(HydraConfig.get().sweep.dir).name  # the jobs of one sweep share a W&B group
         output_dir = Path(run_cfg.paths.output_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         results = run_experiment(run_cfg, output_dir, resolved)  # type: ignore[arg-type]
