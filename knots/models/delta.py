@@ -6,7 +6,8 @@ give the base weights back. ``WeightPatch`` keeps one copy of exactly the target
 and writes ``base + delta`` from it:
 
 - extra memory: one copy of the targeted weights (``saved_bytes``; optionally on the CPU), plus, while
-  writing one module, that module's delta in float32;
+  writing one module, the dense float32 product of a factored update (a dense delta is used as
+  given) and, on the CPU, a cache-sized temporary: the sum is written in chunks of rows;
 - rounding: every written weight is ``round(float32(base) + float32(delta))``, computed in float32
   (float64 when the delta is float64) and rounded once to the weight's dtype (round to nearest even);
   float32 weights get the IEEE float32 sum;
@@ -48,6 +49,25 @@ def dense_update(update: Update, device: torch.device) -> torch.Tensor:
         dtype = torch.promote_types(torch.promote_types(b.dtype, a.dtype), torch.float32)
         return b.to(device, dtype) @ a.to(device, dtype)
     return update.to(device, torch.promote_types(update.dtype, torch.float32), non_blocking=True)
+
+
+#: Elements per chunk of a CPU write: the float32 temporaries stay in cache and are reused instead of
+#: being freshly mapped (page faults) for every weight.
+CPU_CHUNK = 1 << 16
+
+
+def write_sum(weight: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> None:
+    """``weight <- round(base + delta)``, summed in ``delta``'s dtype (float32 or float64), one rounding.
+
+    Elementwise, so chunking rows (on the CPU) does not change a single bit.
+    """
+    base = base.to(weight.device, non_blocking=True)
+    if weight.is_cuda or weight.dim() < 2:
+        torch.add(base, delta, out=weight)
+        return
+    rows = max(1, CPU_CHUNK // max(1, weight[0].numel()))
+    for r in range(0, weight.shape[0], rows):
+        torch.add(base[r:r + rows], delta[r:r + rows], out=weight[r:r + rows])
 
 
 class WeightPatch:
@@ -102,8 +122,7 @@ class WeightPatch:
                 if _shape(update) != tuple(weight.shape):
                     raise AdapterError(f"update for {name!r} has shape {list(_shape(update)) or 'invalid factors'}, "
                                        f"the weight {list(weight.shape)}")
-                base = self.base[name].to(weight.device, non_blocking=True)
-                torch.add(base, dense_update(update, weight.device), out=weight)
+                write_sum(weight, self.base[name], dense_update(update, weight.device))
             for name in self.names:
                 if name not in delta:
                     self.weights[name].copy_(self.base[name], non_blocking=True)

@@ -49,8 +49,11 @@ def random_delta(model: nn.Module, dtype=torch.float32, scale=1e-2, seed=1) -> d
     return {n: (scale * torch.randn(params[n].shape, generator=g, dtype=torch.float64)).to(dtype) for n in targets(model)}
 
 
+@pytest.mark.parametrize("chunk", [None, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_applied_is_base_plus_delta_rounded_once_and_restore_is_bit_identical(dtype):
+def test_applied_is_base_plus_delta_rounded_once_and_restore_is_bit_identical(dtype, chunk, monkeypatch):
+    if chunk is not None:  # CPU writes go in chunks of rows; 40 elements = 2 rows of 16 (k/v have 8 rows)
+        monkeypatch.setattr("knots.models.delta.CPU_CHUNK", chunk)
     model = attention_like(dtype)
     before = snapshot(model)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
