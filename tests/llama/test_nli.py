@@ -246,3 +246,23 @@ def test_loading_offline_names_the_dataset_id(monkeypatch, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="unknown NLI task 'anli'"):
         load_nli_task("anli")
+
+
+def test_reference_accuracies_are_whole_counts_over_these_test_sizes():
+    """The reference's finetuned test accuracies (eval_scripts/nli_pertask_linearsearch.py L80-87) are
+    whole numbers of correct answers exactly over the test sizes these splits give: the cuts take the
+    test set from the right end of the validation split, and unlabelled rows are dropped first."""
+    accuracy = {"snli": 92.49796416938111, "mnli": 90.30820173204279, "sick": 91.58173664900122,
+                "qnli": 94.48512585812358, "rte": 89.85507246376812, "scitail": 96.51928504233303}
+    validation_rows = {"mnli": 9815, "qnli": 5463, "rte": 277}  # dataset cards; all labelled
+    test_rows = {"snli": 10000 - 176, "sick": 4906, "scitail": 2126}  # SNLI: 176 test pairs have no gold label
+    for name, n in validation_rows.items():
+        test_rows[name] = len(cut_validation(n, NLI_SPECS[name].cut)[1])
+    assert test_rows == {"snli": 9824, "sick": 4906, "scitail": 2126, "mnli": 7852, "qnli": 4370, "rte": 138}
+    for name, acc in accuracy.items():
+        correct = acc * test_rows[name] / 100
+        assert abs(correct - round(correct)) < 1e-6, name
+    # the other halves of the cuts do not fit
+    for name in validation_rows:
+        other = len(cut_validation(validation_rows[name], NLI_SPECS[name].cut)[0])
+        assert abs(accuracy[name] * other / 100 - round(accuracy[name] * other / 100)) > 1e-3, name
