@@ -206,13 +206,18 @@ def memory_budget(layer: dict | None, gpu_gib: float = 48.0, overhead_gib: float
     c = parameter_counts()
     weights = 2 * (c["embedding"] + c["layers"] + c["score"])  # bf16; the sequence classifier has no lm_head
     adapter = 16 * (c["lora"] + c["score"])  # float32 weight + grad + AdamW m and v
+    free = gpu_gib * GIB - weights - adapter - overhead_gib * GIB
+    # evaluation keeps no activations: per token, one layer's live tensors at most (residual in and out in
+    # bf16, the RMSNorm's float32 temporaries, and the MLP's gate, up, activation and product)
+    d, f = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
+    eval_per_token = 2 * 2 * d + 2 * 4 * d + 4 * 2 * f
     out = {"weights_gib": weights / GIB, "adapter_and_optimizer_gib": adapter / GIB, "gpu_gib": gpu_gib,
-           "overhead_gib": overhead_gib}
+           "overhead_gib": overhead_gib, "eval_kib_per_token": eval_per_token / 1024,
+           "eval_tokens_per_batch": int((free + adapter) // eval_per_token)}
     if layer is not None:
         ckpt = LLAMA3_8B["num_hidden_layers"] * layer["checkpoint_bytes_per_token_per_layer"]
         # during the backward pass of one layer: its saved activations and gradients of about the same size
         per_token = ckpt + 2 * layer["saved_bytes_per_token"]
-        free = gpu_gib * GIB - weights - adapter - overhead_gib * GIB
         out.update(checkpoint_kib_per_token=ckpt / 1024, layer_kib_per_token=layer["saved_bytes_per_token"] / 1024,
                    train_kib_per_token=per_token / 1024, train_tokens_per_batch=int(free // per_token))
     return out
@@ -311,7 +316,8 @@ def report(res: dict) -> str:
                       f"- training estimate (checkpoints + 2 x one layer): {m['train_kib_per_token']:.0f} KiB per token",
                       f"- a {m['gpu_gib']:.0f} GiB GPU ({m['overhead_gib']:.0f} GiB kept for the CUDA context and fragmentation): "
                       f"about {m['train_tokens_per_batch']:,} tokens per training batch"]
-        lines.append("")
+        lines += [f"- evaluation (no autograd, one layer's live tensors): about {m['eval_kib_per_token']:.0f} KiB per token, "
+                  f"{m['eval_tokens_per_batch']:,} tokens per batch on the same GPU", ""]
     if "tiny" in res:
         t = res["tiny"]
         c = t["config"]
