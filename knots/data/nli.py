@@ -126,8 +126,8 @@ def check_spec(spec: NLISpec) -> dict[str, int]:
     return lookup
 
 
-E, N, C = NLI_CLASSES
-_THREE_WAY = {0: E, 1: N, 2: C}
+_E, _N, _C = NLI_CLASSES
+_THREE_WAY = {0: _E, 1: _N, 2: _C}
 
 #: The six tasks as the reference loads them (dataset/huggingface_datasets.py, dataset/{qnli,rte,scitail,mnli}.py,
 #: dataset/configs.py). SICK's hub id "sick" now resolves to "RobZamp/sick".
@@ -138,12 +138,12 @@ NLI_SPECS: dict[str, NLISpec] = {
         NLISpec("mnli", "SetFit/mnli", None, "text1", "text2", "label", _THREE_WAY,
                 cut=ValidationCut(0.2, shuffle=False)),
         NLISpec("sick", "RobZamp/sick", None, "sentence_A", "sentence_B", "label", _THREE_WAY),
-        NLISpec("qnli", "SetFit/qnli", None, "text1", "text2", "label", {0: E, 1: C}, masked=(N,),
+        NLISpec("qnli", "SetFit/qnli", None, "text1", "text2", "label", {0: _E, 1: _C}, masked=(_N,),
                 cut=ValidationCut(0.2, shuffle=True)),
-        NLISpec("rte", "SetFit/rte", None, "text1", "text2", "label", {0: E, 1: C}, masked=(N,),
+        NLISpec("rte", "SetFit/rte", None, "text1", "text2", "label", {0: _E, 1: _C}, masked=(_N,),
                 cut=ValidationCut(0.5, shuffle=True)),
         NLISpec("scitail", "allenai/scitail", "tsv_format", "premise", "hypothesis", "label",
-                {"entails": E, "neutral": N}, masked=(C,), unlabelled=(), max_length=1000),
+                {"entails": _E, "neutral": _N}, masked=(_C,), unlabelled=(), max_length=1000),
     )
 }
 
