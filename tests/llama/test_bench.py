@@ -13,12 +13,15 @@ from experiments.bench_llama import LLAMA3_8B, bench_tiny, main, parameter_count
 def test_parameter_counts_and_shapes_match_the_real_architecture():
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    cfg = LlamaConfig(**LLAMA3_8B, num_labels=3)
+    two_layers = {**LLAMA3_8B, "num_hidden_layers": 2}  # full width, fewer layers: quick to build
+    cfg = LlamaConfig(**two_layers, num_labels=3)
     with torch.device("meta"):
         causal, classifier = LlamaForCausalLM(cfg), LlamaForSequenceClassification(cfg)
-    c = parameter_counts()
-    assert sum(p.numel() for p in causal.parameters()) == c["embedding"] + c["layers"] + c["lm_head"]  # 8.03 B
+    c = parameter_counts(two_layers)
+    assert sum(p.numel() for p in causal.parameters()) == c["embedding"] + c["layers"] + c["lm_head"]
     assert sum(p.numel() for p in classifier.parameters()) == c["embedding"] + c["layers"] + c["score"]
+    c = parameter_counts()
+    assert c["embedding"] + c["layers"] + c["lm_head"] == 8_030_261_248  # Meta-Llama-3-8B
     attn = classifier.model.layers[0].self_attn
     assert {k: tuple(getattr(attn, k).weight.shape) for k in projection_shapes()} == projection_shapes()
     assert projection_shapes()["k_proj"] == (1024, 4096)  # GQA: 8 key/value heads of 128
