@@ -5,8 +5,8 @@ prompts (``baseball_diamond`` -> ``baseball diamond``); where the standard promp
 names instead (EuroSAT, GTSRB), ``prompt_names`` maps each label, and every mapping is checked
 against the feature so that a reordered or different mirror fails loudly instead of mislabelling.
 
-Splits: the dataset's validation split where it has one; otherwise a fixed, seeded 20% of the test
-split is the validation set and the remaining 80% the test set.
+The builder returns a ``TaskSource`` holding the dataset's own splits as lazy pools; the pipeline
+splits them with the task's ``split`` settings (``knots.data.splits``), like every other task.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
-from knots.data.tasks import TaskData
+from knots.data.tasks import LabelledPool, LazyInput, TaskSource
 from knots.errors import ConfigError
 from knots.vision.templates import templates_for
 
 
 @dataclass(frozen=True)
-class LazyImage:
+class LazyImage(LazyInput):
     """One image of a ``datasets.Dataset``, decoded only when the backbone preprocesses it."""
 
     data: Any
@@ -35,39 +34,17 @@ class LazyImage:
         return self.data[self.index][self.key]
 
 
-class ImageSplit(Sequence):
-    """``(LazyImage, label)`` pairs for selected rows of a ``datasets.Dataset`` (labels read once)."""
+class LazyImages(Sequence):
+    """Every image of a ``datasets.Dataset`` column as a :class:`LazyImage` (nothing decoded)."""
 
-    def __init__(self, data: Any, rows: Sequence[int], image_key: str, labels: Sequence[int]) -> None:
-        self.data, self.rows, self.image_key = data, np.asarray(rows, dtype=np.int64), image_key
-        self.labels = np.asarray(labels, dtype=np.int64)[self.rows]
+    def __init__(self, data: Any, image_key: str) -> None:
+        self.data, self.image_key = data, image_key
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[LazyImage, int]:  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
-        return LazyImage(self.data, int(self.rows[i]), self.image_key), int(self.labels[i])
-
-
-def carve_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, disjoint ``(carved, rest)`` row indices: ``round(fraction * n)`` rows are carved out.
-
-    Both parts are sorted, so the result depends only on ``(n, fraction, seed)``.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    k = int(round(fraction * n))
-    return np.sort(perm[:k]), np.sort(perm[k:])
-
-
-def subsample(rows: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    """At most ``cap`` rows, chosen with a seeded permutation (kept in dataset order)."""
-    if cap is None or cap >= len(rows):
-        return rows
-    return np.sort(np.random.default_rng(seed).permutation(rows)[:cap])
+    def __getitem__(self, i: int) -> LazyImage:  # type: ignore[override]
+        return LazyImage(self.data, int(i), self.image_key)
 
 
 def _norm(text: str) -> str:
@@ -118,52 +95,28 @@ def label_feature_names(data: Any, label_key: str, task: str) -> list[str]:
 
 def task_from_splits(name: str, splits: Mapping[str, Any], *, template_set: str | None = None,
                      image_key: str = "image", label_key: str = "label", num_classes: int | None = None,
-                     prompt_names: Sequence[Sequence[str]] | None = None, label_namespace: str | None = None,
-                     split_names: Mapping[str, str] | None = None, validation_fraction: float = 0.2,
-                     seed: int = 0, max_train: int | None = None, max_validation: int | None = None,
-                     max_test: int | None = None) -> TaskData:
-    """Build a task from loaded ``datasets`` splits (a ``DatasetDict`` or a plain mapping)."""
-    names = {"train": "train", "validation": "validation", "test": "test", **(split_names or {})}
-    for role in ("train", "test"):
-        if names[role] not in splits:
-            raise ConfigError(f"task {name}: the dataset has no {names[role]!r} split (has: {', '.join(splits)})")
-    feature_names = label_feature_names(splits[names["test"]], label_key, name)
-    for role in ("train", "validation"):
-        if names[role] in splits and label_feature_names(splits[names[role]], label_key, name) != feature_names:
-            raise ConfigError(f"task {name}: the {names[role]!r} and {names['test']!r} splits have different label features")
-    class_names = class_names_from_feature(name, feature_names, num_classes, prompt_names)
-
-    def columns(role: str) -> tuple[Any, list[int]]:
-        data = splits[names[role]]
+                     prompt_names: Sequence[Sequence[str]] | None = None, label_namespace: str | None = None) -> TaskSource:
+    """A task source from loaded ``datasets`` splits (a ``DatasetDict`` or a plain mapping): every split
+    as a lazy pool, class names checked against the label features (equal in every split)."""
+    if not splits:
+        raise ConfigError(f"task {name}: the dataset has no splits")
+    first = next(iter(splits))
+    feature_names = label_feature_names(splits[first], label_key, name)
+    for split, data in splits.items():
+        if label_feature_names(data, label_key, name) != feature_names:
+            raise ConfigError(f"task {name}: the {split!r} and {first!r} splits have different label features")
         if image_key not in data.column_names:
-            raise ConfigError(f"task {name}: column {image_key!r} not in split {names[role]!r} (columns: {', '.join(data.column_names)})")
-        return data.select_columns([image_key]), list(data[label_key])
-
-    train, train_labels = columns("train")
-    test, test_labels = columns("test")
-    test_rows = np.arange(len(test_labels))
-    if names["validation"] in splits:
-        val, val_labels = columns("validation")
-        val_rows = np.arange(len(val_labels))
-    else:
-        val, val_labels = test, test_labels
-        val_rows, test_rows = carve_split(len(test_labels), validation_fraction, seed)
-    caps = {"train": max_train, "validation": max_validation, "test": max_test}
-    parts = {
-        role: ImageSplit(data, subsample(rows, caps[role], seed + 1), image_key, labels)
-        for role, (data, rows, labels) in {
-            "train": (train, np.arange(len(train_labels)), train_labels),
-            "validation": (val, val_rows, val_labels),
-            "test": (test, test_rows, test_labels),
-        }.items()
-    }
+            raise ConfigError(f"task {name}: column {image_key!r} not in split {split!r} (columns: {', '.join(data.column_names)})")
+    class_names = class_names_from_feature(name, feature_names, num_classes, prompt_names)
+    pools = {split: LabelledPool(LazyImages(data.select_columns([image_key]), image_key), list(data[label_key]))
+             for split, data in splits.items()}
     namespace = label_namespace or name
-    return TaskData(name=name, class_names=class_names, templates=templates_for(template_set or name),
-                    label_keys=[f"{namespace}/{c}" for c in class_names], **parts)
+    return TaskSource(name=name, class_names=class_names, templates=templates_for(template_set or name), splits=pools,
+                      label_keys=[f"{namespace}/{c}" for c in class_names])
 
 
 def hf_image_task(name: str, hf_path: str, hf_name: str | None = None, cache_dir: str | None = None,
-                  revision: str | None = None, **options: Any) -> TaskData:
+                  revision: str | None = None, **options: Any) -> TaskSource:
     """Load ``hf_path`` (``load_dataset``, cached in ``cache_dir``) and build the task; see
     :func:`task_from_splits` for ``options``."""
     import datasets

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from knots.data.tasks import TaskData
+from knots.heads import ZERO_SHOT_SCALE, Head
 from knots.lora import load_adapter
 from knots.models.text import TextBackbone
-from knots.pipeline.finetune import batch_indices, finetune, is_complete
+from knots.pipeline.cache import is_complete
+from knots.pipeline.finetune import finetune
+from knots.pipeline.training import batch_indices
 from tests.pipeline.helpers import NEGATIVE, POSITIVE
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
@@ -26,11 +29,11 @@ class Interrupt(Exception):
 
 @pytest.fixture(scope="module")
 def setup(tiny_env):
-    backbone = TextBackbone(str(tiny_env.parent / "bert"), "tiny", TARGETS, max_length=12)
+    backbone = TextBackbone(str(tiny_env.parent / "bert"), "tiny", max_length=12)
     train = [(f"it was {w} .", 1) for w in POSITIVE] + [(f"it was {w} .", 0) for w in NEGATIVE]
     task = TaskData("mood", ["negative", "positive"], ["a {} text."], train=train, validation=train, test=train)
-    heads = backbone.class_embeddings(task.class_names, task.templates)
-    return backbone, task, heads
+    head = Head(backbone.class_embeddings(task.class_names, task.templates), scale=ZERO_SHOT_SCALE)
+    return backbone, task, head
 
 
 def _factors(path):

@@ -11,10 +11,12 @@ from omegaconf import OmegaConf
 
 from knots.config.schema import to_run_config
 from knots.data.build import build_task
-from knots.data.sources import resolve_callable
+from hydra.utils import get_object
 from knots.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from knots.config.resources import config_dir
+
+CONF_DIR = config_dir()
 VISION_EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("vit*.yaml"))
 
 
@@ -52,21 +54,22 @@ def test_the_paper_experiments_are_all_found():
 def test_every_vision_experiment_validates(tmp_path, experiment):
     cfg = to_run_config(compose(tmp_path, f"experiment={experiment}"))
     assert cfg.benchmark.task_names == ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
-    assert cfg.model.backbone == "knots.vision.clip:ClipBackbone"
+    assert cfg.model.backbone["_target_"] == "knots.vision.clip.ClipBackbone"
     assert cfg.search.metric == ("joint_hits@3" if experiment.endswith("_joint") else "avg_normalized_accuracy")
     for name in cfg.benchmark.task_names:
         task = cfg.benchmark.tasks[name]
         assert task.source == "task" and task.classes == []
-        assert callable(resolve_callable(task.path, name))
+        assert callable(get_object(task.loader["_target_"]))
     ft = cfg.finetune
     assert (ft.batch_size, ft.warmup_steps) == (32, 500)
     assert ft.eval_every and ft.patience, "vision finetuning stops early on validation accuracy"
     assert ft.num_workers >= 1 and ft.precision == "auto"
     if experiment.endswith("paper_adapters"):
-        assert cfg.adapters.loader == "knots.vision.released:released_adapters"
-        loader = resolve_callable(cfg.adapters.loader, "adapters")
-        # the pipeline calls loader(tasks=..., cache_dir=..., **options)
-        inspect.signature(loader).bind(tasks=cfg.benchmark.task_names, cache_dir="x", **cfg.adapters.options)
+        assert cfg.adapters.loader["_target_"] == "knots.vision.released.released_adapters"
+        loader = get_object(cfg.adapters.loader["_target_"])
+        # the pipeline instantiates the loader with tasks=... and cache_dir=...
+        options = {k: v for k, v in cfg.adapters.loader.items() if k != "_target_"}
+        inspect.signature(loader).bind(tasks=cfg.benchmark.task_names, cache_dir="x", **options)
     else:
         assert not cfg.adapters.given
 
@@ -85,7 +88,7 @@ def test_task_source_builds_from_the_datasets_label_feature(tmp_path, monkeypatc
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     built = build_task(task, cfg.benchmark.tasks[task])
-    assert calls == [cfg.benchmark.tasks[task].read_options["hf_path"]]
+    assert calls == [cfg.benchmark.tasks[task].loader["hf_path"]]
     assert built.name == task and built.num_classes == classes
     assert built.class_names[1] == ("scene 1" if task == "sun397" else "model 1")  # from the label feature
     assert len(built.validation) == classes and len(built.test) == 4 * classes  # 20% of test carved
@@ -107,8 +110,8 @@ def _not_a_task(name: str) -> list:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("benchmark.tasks.cars.path=knots.vision.datasets:nope", "task cars: cannot import loader"),
-        ("benchmark.tasks.cars.path=nomodule", "task cars: path must look like 'module:function'"),
+        ("benchmark.tasks.cars.loader._target_=knots.vision.datasets.nope", "task cars: loader: cannot import"),
+        ("benchmark.tasks.cars.loader._target_=nomodule", "task cars: loader: cannot import 'nomodule'"),
         ("+benchmark.tasks.cars.classes=[{name: a}, {name: b}]", "takes its classes from the builder"),
     ],
 )
@@ -121,8 +124,8 @@ def test_bad_task_source_fails_validation_on_one_line(tmp_path, override, messag
 def test_a_builder_must_return_task_data(tmp_path):
     cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task"))
     task_cfg = cfg.benchmark.tasks["cars"]
-    task_cfg.path, task_cfg.read_options = f"{__name__}:_not_a_task", {}
-    with pytest.raises(ConfigError, match="returned list, expected TaskData"):
+    task_cfg.loader = {"_target_": f"{__name__}._not_a_task"}
+    with pytest.raises(ConfigError, match="returned list, expected TaskSource"):
         build_task("cars", task_cfg)
 
 
@@ -145,7 +148,7 @@ def test_released_adapter_experiment_merges_what_its_loader_returns(tmp_path, mo
     cfg = to_run_config(compose(
         tmp_path, f"experiment={experiment}", "model=clip_tiny", "benchmark=vision_smoke",
         "benchmark.select=[digits,mnist]", "device=cpu", "logger=none", "progress=false",
-        "methods=[ta,knots_ties]", "search.scaling=[0.5,1.0]", "search.top_k=[50]"))
+        "methods=[ta,knots_ties]", "search.ranges.scaling=[0.5,1.0]", "search.ranges.top_k=[50]"))
     calls = []
 
     def fake_released(tasks, cache_dir, arch, repo_template="", revisions=None):
@@ -164,7 +167,7 @@ def test_released_adapter_experiment_merges_what_its_loader_returns(tmp_path, mo
 
     monkeypatch.setattr(knots.vision.released, "released_adapters", fake_released)
     results = run_experiment(cfg, tmp_path / "run")
-    assert calls == [(["digits", "mnist"], cfg.adapters.options["arch"])]
+    assert calls == [(["digits", "mnist"], cfg.adapters.loader["arch"])]
     adapters = results["meta"]["adapters"]
     assert [a["task"] for a in adapters] == ["digits", "mnist"] and all(a["reused"] for a in adapters)
     assert all(Path(a["path"]).parent.name == "released" for a in adapters)
