@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from knots.models.delta import WeightPatch
+from knots.models.apply import WeightPatch
 from knots.pipeline.io import write_json, write_text
 
 #: meta-llama/Meta-Llama-3-8B (config.json).

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from knots.errors import AdapterError
-from knots.models.delta import WeightPatch, applied_delta
+from knots.models.apply import WeightPatch, applied
 
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -53,12 +53,12 @@ def random_delta(model: nn.Module, dtype=torch.float32, scale=1e-2, seed=1) -> d
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_applied_is_base_plus_delta_rounded_once_and_restore_is_bit_identical(dtype, chunk, monkeypatch):
     if chunk is not None:  # CPU writes go in chunks of rows; 40 elements = 2 rows of 16 (k/v have 8 rows)
-        monkeypatch.setattr("knots.models.delta.CPU_CHUNK", chunk)
+        monkeypatch.setattr("knots.models.apply.CPU_CHUNK", chunk)
     model = attention_like(dtype)
     before = snapshot(model)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     delta = random_delta(model)
-    with applied_delta(model, delta) as patch:
+    with applied(model, delta) as patch:
         params = dict(model.named_parameters())
         for n, d in delta.items():
             expected = (base[n].float() + d.float()).to(dtype)
@@ -73,7 +73,7 @@ def test_bf16_rounds_the_float32_sum_not_a_rounded_delta():
     model = attention_like(torch.bfloat16)
     base = dict((n, p.detach().clone()) for n, p in model.named_parameters())
     delta = random_delta(model)
-    with applied_delta(model, delta):
+    with applied(model, delta):
         w = dict(model.named_parameters())["layers.0.q_proj.weight"]
         double = base["layers.0.q_proj.weight"] + delta["layers.0.q_proj.weight"].to(torch.bfloat16)
         exact = (base["layers.0.q_proj.weight"].float() + delta["layers.0.q_proj.weight"]).to(torch.bfloat16)
@@ -86,7 +86,7 @@ def test_delta_dtypes(delta_dtype):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     delta = random_delta(model, dtype=delta_dtype)
     acc = torch.float64 if delta_dtype == torch.float64 else torch.float32
-    with applied_delta(model, delta):
+    with applied(model, delta):
         for n, p in model.named_parameters():
             if n in delta:
                 assert torch.equal(bits(p), bits((base[n].to(acc) + delta[n].to(acc)).to(torch.bfloat16))), n
@@ -101,7 +101,7 @@ def test_factored_update_is_the_float32_product(dtype):
     params = dict(model.named_parameters())
     factors = {n: (torch.randn(params[n].shape[0], 4, generator=g), 1e-2 * torch.randn(4, params[n].shape[1], generator=g))
                for n in targets(model)}
-    with applied_delta(model, factors):
+    with applied(model, factors):
         for n, (b, a) in factors.items():
             assert torch.equal(bits(params[n]), bits((base[n].float() + b @ a).to(dtype))), n
     assert_same_bits(model, before)
@@ -112,7 +112,7 @@ def test_restored_on_exception_in_the_block(dtype):
     model = attention_like(dtype)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with applied_delta(model, random_delta(model)):
+        with applied(model, random_delta(model)):
             assert not torch.equal(bits(model["layers"][0]["q_proj"].weight), before["layers.0.q_proj.weight"])
             raise RuntimeError("boom")
     assert_same_bits(model, before)
@@ -134,18 +134,18 @@ def test_restored_when_applying_fails_midway():
     model = attention_like(torch.bfloat16)
     before = snapshot(model)
     with pytest.raises(MemoryError):
-        with applied_delta(model, ExplodingMapping(random_delta(model))):
+        with applied(model, ExplodingMapping(random_delta(model))):
             pytest.fail("the block must not run")
     assert_same_bits(model, before)
     bad = random_delta(model)
     bad["layers.1.k_proj.weight"] = torch.zeros(16, 16)
     with pytest.raises(AdapterError, match=r"update for 'layers.1.k_proj.weight' has shape \[16, 16\], the weight \[8, 16\]"):
-        with applied_delta(model, bad):
+        with applied(model, bad):
             pass
     assert_same_bits(model, before)
     factors = {"layers.0.q_proj.weight": (torch.zeros(16, 4), torch.zeros(5, 16))}
     with pytest.raises(AdapterError, match="invalid factors"):
-        with applied_delta(model, factors):
+        with applied(model, factors):
             pass
     assert_same_bits(model, before)
 
@@ -156,7 +156,7 @@ def test_unknown_parameter_is_one_line_error_and_nothing_changes():
     delta = random_delta(model)
     delta["layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 16)
     with pytest.raises(AdapterError, match=r"update for unknown parameter 'layers.0.self_attn.q_proj.weight'") as e:
-        with applied_delta(model, delta):
+        with applied(model, delta):
             pass
     assert "\n" not in str(e.value)
     assert_same_bits(model, before)
@@ -190,7 +190,7 @@ def test_patch_applies_many_points_from_one_copy_in_place():
 def test_offload_keeps_the_copy_on_the_cpu():
     model = attention_like(torch.bfloat16)
     before = snapshot(model)
-    with applied_delta(model, random_delta(model), offload=True) as patch:
+    with applied(model, random_delta(model), offload=True) as patch:
         assert all(t.device.type == "cpu" for t in patch.base.values())
     assert_same_bits(model, before)
 
@@ -220,7 +220,7 @@ def test_tiny_llama_logits_equal_a_model_holding_the_merged_weights(tmp_path):
         for n, d in delta.items():
             ref_params[n].copy_((ref_params[n].float() + d).to(torch.bfloat16))
         before_logits = model(**batch).logits
-        with applied_delta(model, delta):
+        with applied(model, delta):
             merged = model(**batch).logits
         after_logits = model(**batch).logits
         expected = reference(**batch).logits
