@@ -83,7 +83,9 @@ def build_task(name: str, cfg: Any) -> TaskData:
         rows = READERS[cfg.source](cfg, name)
         sets = split_examples(rows, cfg.classes, cfg.split, name)
         class_names, templates = [c.name for c in cfg.classes], list(cfg.templates)
-        keys, mask = [c.key or f"{name}/{c.name}" for c in cfg.classes], None
+        keys = [c.key or f"{name}/{c.name}" for c in cfg.classes]
+        masked = [bool(getattr(c, "masked", False)) for c in cfg.classes]
+        mask = [not m for m in masked] if any(masked) else None
     if len(set(sets["train"].labels)) < 2:
         raise ConfigError(f"task {name}: the training split has fewer than 2 classes")
     return TaskData(name=name, class_names=list(class_names), templates=list(templates),

@@ -22,7 +22,8 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from knots.pipeline.cache import META_NAME, is_complete
 from knots.pipeline.io import atomic_dir, torch_save, write_json
 from knots.pipeline.logger import NullLogger
 from knots.pipeline.training import (BestState, Logits, StepBatches, accuracy, autocast, collated_batches, lr_lambda,
-                                     resolve_precision)
+                                     resolve_precision, warmup_length)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -69,13 +70,14 @@ def head_of(model: nn.Module, head: TrainingHead) -> Logits:
     return lambda features: head_logits(features, linear.weight, linear.bias, 1.0, head.mask)
 
 
-def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None) -> nn.Module:
-    """A copy of the backbone's encoder with fresh (seeded) LoRA layers and, for a trained head, a
-    fresh seeded head at ``<copy>.<head.module>`` saved by PEFT as ``modules_to_save``; the original
-    encoder stays untouched."""
+def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None, *,
+                 in_place: bool = False) -> nn.Module:
+    """A copy of the backbone's encoder (or, ``in_place``, the encoder itself) with fresh (seeded) LoRA
+    layers and, for a trained head, a fresh seeded head at ``<encoder>.<head.module>`` saved by PEFT as
+    ``modules_to_save``. Without ``in_place`` the original encoder stays untouched."""
     from peft import LoraConfig, get_peft_model
 
-    encoder = copy.deepcopy(backbone.encoder)
+    encoder = backbone.encoder if in_place else copy.deepcopy(backbone.encoder)
     if head is not None:
         setattr(encoder, head.module, init_head_module(backbone.feature_dim, head.num_classes, head.seed, head.bias)
                 .to(device=backbone.device))
@@ -90,6 +92,24 @@ def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec
         modules_to_save=[head.module] if head is not None else None,
     )
     return get_peft_model(encoder, config)
+
+
+@contextmanager
+def training_model(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None) -> Iterator[nn.Module]:
+    """The backbone's encoder wrapped in place for training (:func:`peft_encoder`): no copy of the model
+    is made (an 8B model is not copied). On exit, also after an error, PEFT's ``unload`` puts every base
+    layer back in place of its LoRA layer and the head is removed, so the encoder holds exactly the
+    modules and (never trained) weights it held before."""
+    encoder = backbone.encoder
+    was_training = encoder.training
+    model = peft_encoder(backbone, lora, seed, head, in_place=True)
+    try:
+        yield model
+    finally:
+        model.unload()
+        if head is not None and hasattr(encoder, head.module):
+            delattr(encoder, head.module)
+        encoder.train(was_training)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -117,6 +137,14 @@ def finetune(
     if is_complete(out_dir):
         info = json.loads((out_dir / META_NAME).read_text())
         return {**info, "reused": True}
+    with training_model(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None) as model:
+        return _train(model, backbone, task, head, cfg, out_dir, logger, progress, on_step, meta)
+
+
+def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingHead, cfg: Any, out_dir: Path,
+           logger: NullLogger | None, progress: bool, on_step: Callable[[int], None] | None,
+           meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The training loop of :func:`finetune` on ``model`` (the PEFT-wrapped encoder)."""
     logger = logger or NullLogger()
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
@@ -125,11 +153,10 @@ def finetune(
     precision = resolve_precision(cfg.precision, device)
     evaluating = bool(cfg.eval_every)
 
-    model = peft_encoder(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None)
     logits_of = head_of(model, head)
     params = _trainable(model)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_length(cfg), cfg.steps, getattr(cfg, "schedule", "cosine")))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, resumed_from, losses, best = 0, 0, [], BestState()
     if ckpt_path.is_file():
