@@ -200,9 +200,9 @@ def test_tiny_llama_logits_equal_a_model_holding_the_merged_weights(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tests.llama.helpers import make_tiny_llama
+    from knots.models.tiny import write_tiny_llama
 
-    path = make_tiny_llama(tmp_path / "llama")
+    path = write_tiny_llama(tmp_path / "llama", pad_token=True)
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, local_files_only=True, dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -226,3 +226,19 @@ def test_tiny_llama_logits_equal_a_model_holding_the_merged_weights(tmp_path):
         expected = reference(**batch).logits
     assert torch.equal(merged, expected) and not torch.equal(merged, before_logits)
     assert torch.equal(after_logits, before_logits)
+
+
+def test_lora_updates_multiply_to_the_dense_delta_bit_for_bit():
+    """Finetuned models and RegMean apply an adapter's factors; they give exactly its dense update."""
+    from knots.lora import LoraAdapter, LoraModule
+    from knots.models.apply import dense_update, lora_updates
+
+    g = torch.Generator().manual_seed(3)
+    modules = {"a": LoraModule(torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), 0.5),
+               "b": LoraModule(torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), 2.0, fan_in_fan_out=True)}
+    adapter = LoraAdapter("t", modules)
+    dense = adapter.delta_state_dict()
+    factored = lora_updates(adapter)
+    assert isinstance(factored["a.weight"], tuple) and not isinstance(factored["b.weight"], tuple)
+    for name, update in factored.items():
+        assert torch.equal(dense_update(update, torch.device("cpu")), dense[name]), name

@@ -1,4 +1,4 @@
-"""The tiny Llama fixture behaves like the real checkpoint: GQA, Llama 3 pair template, pad handling."""
+"""The tiny Llama (knots.models.tiny) behaves like the real checkpoint: GQA, Llama 3 pair template, pad handling."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 def test_tiny_llama_loads_as_sequence_classifier_with_gqa(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tests.llama.helpers import BOS, EOS, make_tiny_llama
+    from knots.models.tiny import BOS, EOS, write_tiny_llama
 
-    path = make_tiny_llama(tmp_path / "llama")
+    path = write_tiny_llama(tmp_path / "llama", pad_token=True)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     cfg = model.config
@@ -34,8 +34,8 @@ def test_tiny_llama_loads_as_sequence_classifier_with_gqa(tmp_path):
 def test_tiny_llama_without_pad_token_like_the_real_checkpoint(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from tests.llama.helpers import make_tiny_llama
+    from knots.models.tiny import write_tiny_llama
 
-    path = make_tiny_llama(tmp_path / "llama", pad_token=False)
+    path = write_tiny_llama(tmp_path / "llama")
     assert AutoTokenizer.from_pretrained(path, local_files_only=True).pad_token is None
     assert AutoConfig.from_pretrained(path, local_files_only=True).pad_token_id is None
