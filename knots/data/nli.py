@@ -146,7 +146,7 @@ def nli_source(spec: NLISpec, splits: Mapping[str, Iterable[Mapping[str, Any]]])
     """The task built from its source splits: every split's labelled pairs, the 3-way classes and mask."""
     pools = {name: LabelledPool.from_examples(to_examples(rows, spec)) for name, rows in splits.items()}
     return TaskSource(name=spec.name, class_names=list(NLI_CLASSES), templates=["{}"], splits=pools,
-                      label_keys=list(NLI_LABEL_KEYS), class_mask=spec.class_mask)
+                      label_keys=list(NLI_LABEL_KEYS), class_mask=spec.class_mask if spec.masked else None)
 
 
 def load_nli_source(spec: NLISpec, path: str | os.PathLike | None = None, cache_dir: str | None = None,
