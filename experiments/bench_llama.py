@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from knots.models.apply import WeightPatch
+from knots.models.apply import WeightPatch, applied
 from knots.pipeline.io import write_json, write_text
 
 #: meta-llama/Meta-Llama-3-8B (config.json).
@@ -157,8 +157,20 @@ def bench_apply(layers: int, device: torch.device, rank: int = 96) -> dict:
     row("apply dense float32 update", lambda: patch.apply(delta), 8)
     row(f"apply factored update (rank {rank}, float32)", lambda: patch.apply(factored), None)
     row("restore", patch.restore, 4)
+
+    def held_point() -> None:
+        patch.apply(delta)
+        patch.restore()
+
+    row("search point, patch held for the search (apply + restore)", held_point, 12)
     saved = patch.saved_bytes
     del holder["patch"], patch
+
+    def fresh_point() -> None:
+        with applied(model, delta):
+            pass
+
+    row("search point, applied() per point (copy + apply + restore)", fresh_point, 16)
     row("clone + add rounded delta + restore (replaced scheme)", lambda: old_applied(model, delta), 20)
     counts = parameter_counts()
     flops = 2 * rank * counts["targeted"] * layers // LLAMA3_8B["num_hidden_layers"]
