@@ -309,6 +309,9 @@ class FinetuneConfig:
     num_workers: int = field(default=0, metadata={"cache_key": False})
     schedule: str = field(default="cosine", metadata={"cache_key": "non_default"})
     warmup_fraction: float | None = field(default=None, metadata={"cache_key": "non_default"})
+    #: A PEFT adapter (directory or hub id) whose LoRA and head every task starts from, instead of the
+    #: fresh seeded ones (e.g. the authors' hoffman-lab/KnOTS-Llama3_8B_lora_R16_pretrained_model).
+    init_adapter: str | None = field(default=None, metadata={"cache_key": "non_default"})
 
     def validate(self) -> None:
         _check(self.steps >= 1, f"finetune.steps must be >= 1, got {self.steps}")

@@ -94,16 +94,49 @@ def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec
     return get_peft_model(encoder, config)
 
 
+def load_initial_state(model: nn.Module, source: str) -> None:
+    """Start from a saved adapter's LoRA (and head) instead of the fresh seeded ones: ``source`` is a PEFT
+    adapter directory or a hub id (e.g. the authors' shared ``hoffman-lab/KnOTS-Llama3_8B_lora_R16_pretrained_model``),
+    downloaded once into the Hugging Face cache. Every trained weight must be in it, with its shape."""
+    from peft import set_peft_model_state_dict
+
+    from knots.errors import AdapterError, ConfigError
+    from knots.lora import read_weights
+
+    path = Path(source)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(source, allow_patterns=["adapter_config.json", "adapter_model.*"]))
+        except Exception as error:  # offline and not cached, missing repo, auth: one line for the user
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(f"finetune.init_adapter: cannot get {source} from the Hugging Face hub or its cache ({reason})") from None
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        result = set_peft_model_state_dict(model, read_weights(path))
+    except RuntimeError as error:  # a shape mismatch
+        raise AdapterError(f"{path}: the initial adapter does not fit the model ({str(error).splitlines()[-1].strip()})") from None
+    missing = sorted(trained & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        problem = f"no weight for {missing[0]!r}" if missing else f"unexpected weight {result.unexpected_keys[0]!r}"
+        raise AdapterError(f"{path}: the initial adapter does not fit the model ({problem})")
+
+
 @contextmanager
-def training_model(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None) -> Iterator[nn.Module]:
-    """The backbone's encoder wrapped in place for training (:func:`peft_encoder`): no copy of the model
-    is made (an 8B model is not copied). On exit, also after an error, PEFT's ``unload`` puts every base
-    layer back in place of its LoRA layer and the head is removed, so the encoder holds exactly the
-    modules and (never trained) weights it held before."""
+def training_model(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None,
+                   init: str | None = None) -> Iterator[nn.Module]:
+    """The backbone's encoder wrapped in place for training (:func:`peft_encoder`), optionally starting
+    from the adapter ``init`` (:func:`load_initial_state`): no copy of the model is made (an 8B model is not
+    copied). On exit, also after an error, PEFT's ``unload`` puts every base layer back in place of its
+    LoRA layer and the head is removed, so the encoder holds exactly the modules and (never trained)
+    weights it held before."""
     encoder = backbone.encoder
     was_training = encoder.training
     model = peft_encoder(backbone, lora, seed, head, in_place=True)
     try:
+        if init:
+            load_initial_state(model, init)
         yield model
     finally:
         model.unload()
@@ -137,7 +170,8 @@ def finetune(
     if is_complete(out_dir):
         info = json.loads((out_dir / META_NAME).read_text())
         return {**info, "reused": True}
-    with training_model(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None) as model:
+    with training_model(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None,
+                        getattr(cfg, "init_adapter", None)) as model:
         return _train(model, backbone, task, head, cfg, out_dir, logger, progress, on_step, meta)
 
 

@@ -184,6 +184,39 @@ def test_finetuning_wraps_the_encoder_in_place_and_leaves_it_as_it_was(smoke, tm
     assert [type(m) for m in encoder.modules()] == types and not hasattr(encoder, "score")
 
 
+def test_finetuning_can_start_from_a_saved_adapter(smoke, tmp_path):
+    """finetune.init_adapter: every task starts from one saved LoRA and head (the authors' shared start)."""
+    from safetensors.torch import load_file, save_file
+
+    from knots.pipeline.finetune import training_model
+
+    cfg, _, _ = smoke
+    models, tasks, adapters = smoke_pool(cfg)
+    spec = models.training_head(tasks.tasks[0], None, 0)
+    src = Path(adapters[1].path)
+    saved = load_file(str(src / "adapter_model.safetensors"))
+    with training_model(models.backbone, cfg.model.lora, 0, spec, init=str(src)) as model:
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        assert torch.equal(params["base_model.model.score.modules_to_save.default.weight"], saved["base_model.model.score.weight"])
+        lora = [k for k in saved if ".lora_" in k]
+        assert len(lora) == len(params) - 1 and all(torch.equal(params[k.replace(".weight", ".default.weight")], saved[k]) for k in lora)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(src / "adapter_config.json", bad)
+    save_file({**saved, "base_model.model.score.weight": torch.zeros(2, 32)}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="the initial adapter does not fit the model"):
+        with training_model(models.backbone, cfg.model.lora, 0, spec, init=str(bad)):
+            pass
+    save_file({k: v for k, v in saved.items() if "q_proj" not in k}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="no weight for .*q_proj"):
+        with training_model(models.backbone, cfg.model.lora, 0, spec, init=str(bad)):
+            pass
+    with pytest.raises(ConfigError, match="finetune.init_adapter: cannot get local/no-such-init from the Hugging Face hub"):
+        with training_model(models.backbone, cfg.model.lora, 0, spec, init="local/no-such-init"):
+            pass
+    assert not hasattr(models.backbone.encoder, "score")  # unloaded after each failure too
+
+
 def test_linear_schedule_is_transformers_get_linear_schedule_with_warmup():
     from transformers import get_linear_schedule_with_warmup
 
