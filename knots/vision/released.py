@@ -15,6 +15,8 @@ from knots.vision.hf_clip import convert_released_adapter
 
 #: The hub's dataset names where they differ from the task names used here.
 HUB_DATASET_NAMES = {"cars": "stanford_cars"}
+#: Vision-tower width per architecture: every converted projection must be width x width.
+VISION_WIDTHS = {"ViT-B-32": 768, "ViT-L-14": 1024}
 
 
 def released_repo(arch: str, task: str, template: str = "hoffman-lab/KnOTS-{arch}_lora_R16_{dataset}") -> str:
@@ -38,6 +40,6 @@ def released_adapters(tasks: Sequence[str], cache_dir: str | Path, arch: str,
                                         allow_patterns=["adapter_config.json", "adapter_model.*"])
             except Exception as error:  # offline, missing repo, auth: one line for the user
                 raise AdapterError(f"cannot download released adapter {repo} ({str(error).splitlines()[0]})") from None
-            convert_released_adapter(src, target)
+            convert_released_adapter(src, target, width=VISION_WIDTHS.get(arch))
         out[task] = target
     return out
