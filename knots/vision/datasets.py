@@ -5,22 +5,49 @@ prompts (``baseball_diamond`` -> ``baseball diamond``); where the standard promp
 names instead (EuroSAT, GTSRB), ``prompt_names`` maps each label, and every mapping is checked
 against the feature so that a reordered or different mirror fails loudly instead of mislabelling.
 
-Splits: the dataset's validation split where it has one; otherwise a fixed, seeded 20% of the test
-split is the validation set and the remaining 80% the test set.
+Splits (``split``):
+
+- ``seeded`` (default): the dataset's validation split where it has one; otherwise a fixed, seeded
+  20% of the test split is the validation set and the remaining 80% the test set.
+- ``reference``: the authors' splits (:mod:`knots.vision.paper`). Cars, GTSRB, MNIST, SUN397 and
+  SVHN carve validation out of the test split with the authors' fixed permutation (first
+  ``int(0.2 n)`` indices; :mod:`knots.vision.reference_split`), DTD, EuroSAT and RESISC45 need the
+  dataset's own validation split. The official validation and test sizes are checked: another size
+  is an error.
+
+The built task (:class:`ImageTask`) records how its splits were made and their sizes in ``info``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from knots.data.tasks import TaskData
 from knots.errors import ConfigError
+from knots.vision.paper import VALIDATION_FRACTION, reference_split
+from knots.vision.reference_split import (authors_order, fetch_index_file, file_names, index_url, load_permutation,
+                                          permutation_split)
 from knots.vision.templates import templates_for
+
+#: How validation and test are made (see the module docstring).
+SPLIT_RULES = ("seeded", "reference")
+
+
+@dataclass
+class ImageTask(TaskData):
+    """A :class:`TaskData` that says how its splits were made.
+
+    ``info``: ``split`` (the rule), ``validation`` (where validation came from), ``sizes`` (images per
+    split as built), ``full_sizes`` (before the ``max_*`` caps), and under the reference rule
+    ``expected`` (the official validation / test sizes), ``test_order`` and ``index_file``.
+    """
+
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,10 +102,12 @@ def _norm(text: str) -> str:
 
 
 def prompt_name(raw: str) -> str:
-    """A label name as prompts use it: SUN397-style paths lose their letter folder, separators become spaces."""
-    if raw.startswith("/"):  # "/b/bakery/shop" -> "bakery shop"
-        raw = raw.strip("/").split("/", 1)[-1]
-    return " ".join(raw.replace("/", " ").replace("_", " ").split())
+    """A label name as prompts use it: underscores become spaces; SUN397-style paths
+    (``/b/bakery/shop``) lose their letter folder and their slashes (``bakery shop``). Other slashes
+    are part of the name (Stanford Cars' ``Ram C/V Cargo Van Minivan 2012``) and stay."""
+    if raw.startswith("/"):
+        raw = raw.strip("/").split("/", 1)[-1].replace("/", " ")
+    return " ".join(raw.replace("_", " ").split())
 
 
 def class_names_from_feature(task: str, feature_names: Sequence[str], num_classes: int | None,
@@ -116,13 +145,51 @@ def label_feature_names(data: Any, label_key: str, task: str) -> list[str]:
     return list(names)
 
 
+def _reference_rows(name: str, paper_task: str, splits: Mapping[str, Any], names: Mapping[str, str],
+                    test: Any, test_labels: list[int], image_key: str, test_order: str | None,
+                    cache_dir: str | None) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+    """The authors' ``(validation rows of the test split or None, test rows, info)`` of one task.
+
+    ``None`` validation rows: the dataset's own validation split is the validation set.
+    """
+    spec = reference_split(paper_task)
+    info: dict[str, Any] = {"expected": {"validation": spec.validation, "test": spec.test}}
+    n = len(test_labels)
+    if spec.index_file is None:
+        if names["validation"] not in splits:
+            raise ConfigError(f"task {name}: the reference split uses the official validation split, and this dataset "
+                              f"has none (splits: {', '.join(splits)}); load one that has it, e.g. {spec.mirror}")
+        info["validation"] = f"the dataset's {names['validation']!r} split"
+        return None, np.arange(n), info
+    if n != spec.permutation_length:
+        raise ConfigError(f"task {name}: the authors' permutation covers {spec.permutation_length} test images, this "
+                          f"dataset's {names['test']!r} split has {n} (another mirror or revision?)")
+    order = test_order or spec.test_order
+    rows = authors_order(order, n, test_labels, file_names(test, image_key) if order != "dataset" else None, name)
+    perm = load_permutation(fetch_index_file(spec.index_file, spec.sha256, cache_dir), spec.permutation_length)
+    val_pos, test_pos = permutation_split(perm, VALIDATION_FRACTION)
+    info.update(validation=f"the first {len(val_pos)} of the authors' permutation of the test split",
+                test_order=order, index_file={"url": index_url(spec.index_file), "sha256": spec.sha256})
+    return rows[val_pos], rows[test_pos], info
+
+
 def task_from_splits(name: str, splits: Mapping[str, Any], *, template_set: str | None = None,
                      image_key: str = "image", label_key: str = "label", num_classes: int | None = None,
                      prompt_names: Sequence[Sequence[str]] | None = None, label_namespace: str | None = None,
-                     split_names: Mapping[str, str] | None = None, validation_fraction: float = 0.2,
-                     seed: int = 0, max_train: int | None = None, max_validation: int | None = None,
-                     max_test: int | None = None) -> TaskData:
-    """Build a task from loaded ``datasets`` splits (a ``DatasetDict`` or a plain mapping)."""
+                     split_names: Mapping[str, str] | None = None, split: str = "seeded",
+                     validation_fraction: float = 0.2, seed: int = 0, paper_task: str | None = None,
+                     test_order: str | None = None, cache_dir: str | None = None, max_train: int | None = None,
+                     max_validation: int | None = None, max_test: int | None = None) -> ImageTask:
+    """Build a task from loaded ``datasets`` splits (a ``DatasetDict`` or a plain mapping).
+
+    ``split``: ``seeded`` or ``reference`` (module docstring). ``validation_fraction`` and ``seed``
+    make the seeded split (``seed + 1`` also draws the ``max_*`` subsamples). Under ``reference``,
+    ``paper_task`` names the paper's task (default: ``name``), ``test_order`` overrides the order
+    the authors' permutation is applied in (``paper.TEST_ORDERS``), and the index files are cached
+    under ``cache_dir``. The size checks apply before the ``max_*`` caps.
+    """
+    if split not in SPLIT_RULES:
+        raise ConfigError(f"task {name}: split must be one of {', '.join(SPLIT_RULES)}, got {split!r}")
     names = {"train": "train", "validation": "validation", "test": "test", **(split_names or {})}
     for role in ("train", "test"):
         if names[role] not in splits:
@@ -141,35 +208,49 @@ def task_from_splits(name: str, splits: Mapping[str, Any], *, template_set: str 
 
     train, train_labels = columns("train")
     test, test_labels = columns("test")
-    test_rows = np.arange(len(test_labels))
-    if names["validation"] in splits:
+    info: dict[str, Any] = {"split": split}
+    if split == "reference":
+        val_rows, test_rows, extra = _reference_rows(name, paper_task or name, splits, names, test, test_labels,
+                                                     image_key, test_order, cache_dir)
+        info.update(extra)
+    elif names["validation"] in splits:
+        val_rows, test_rows = None, np.arange(len(test_labels))
+        info["validation"] = f"the dataset's {names['validation']!r} split"
+    else:
+        val_rows, test_rows = carve_split(len(test_labels), validation_fraction, seed)
+        info["validation"] = f"a seeded {validation_fraction:g} of the test split (seed {seed})"
+    if val_rows is None:
         val, val_labels = columns("validation")
         val_rows = np.arange(len(val_labels))
     else:
         val, val_labels = test, test_labels
-        val_rows, test_rows = carve_split(len(test_labels), validation_fraction, seed)
+    rows = {"train": np.arange(len(train_labels)), "validation": val_rows, "test": test_rows}
+    info["full_sizes"] = {role: len(r) for role, r in rows.items()}
+    expected = info.get("expected")
+    if expected and any(info["full_sizes"][role] != size for role, size in expected.items()):
+        found = ", ".join(f"{info['full_sizes'][role]} {role}" for role in expected)
+        raise ConfigError(f"task {name}: the reference protocol expects {expected['validation']} validation and "
+                          f"{expected['test']} test images, the data gives {found} (another mirror or revision?)")
     caps = {"train": max_train, "validation": max_validation, "test": max_test}
-    parts = {
-        role: ImageSplit(data, subsample(rows, caps[role], seed + 1), image_key, labels)
-        for role, (data, rows, labels) in {
-            "train": (train, np.arange(len(train_labels)), train_labels),
-            "validation": (val, val_rows, val_labels),
-            "test": (test, test_rows, test_labels),
-        }.items()
-    }
+    sources = {"train": (train, train_labels), "validation": (val, val_labels), "test": (test, test_labels)}
+    parts = {role: ImageSplit(sources[role][0], subsample(rows[role], caps[role], seed + 1), image_key, sources[role][1])
+             for role in rows}
+    info["sizes"] = {role: len(part) for role, part in parts.items()}
     namespace = label_namespace or name
-    return TaskData(name=name, class_names=class_names, templates=templates_for(template_set or name),
-                    label_keys=[f"{namespace}/{c}" for c in class_names], **parts)
+    return ImageTask(name=name, class_names=class_names, templates=templates_for(template_set or name),
+                     label_keys=[f"{namespace}/{c}" for c in class_names], info=info, **parts)
 
 
 def hf_image_task(name: str, hf_path: str, hf_name: str | None = None, cache_dir: str | None = None,
-                  revision: str | None = None, **options: Any) -> TaskData:
+                  revision: str | None = None, **options: Any) -> ImageTask:
     """Load ``hf_path`` (``load_dataset``, cached in ``cache_dir``) and build the task; see
-    :func:`task_from_splits` for ``options``."""
+    :func:`task_from_splits` for ``options`` (the reference split's index files share ``cache_dir``)."""
     import datasets
 
     try:
         data = datasets.load_dataset(hf_path, hf_name, cache_dir=cache_dir, revision=revision)
     except Exception as error:  # network, missing config and cache errors come in many types
         raise ConfigError(f"task {name}: cannot load dataset {hf_path!r} ({str(error).splitlines()[0]})") from None
-    return task_from_splits(name, data, **options)
+    task = task_from_splits(name, data, cache_dir=cache_dir, **options)
+    task.info["source"] = {"hf_path": hf_path, "hf_name": hf_name, "revision": revision}
+    return task
