@@ -16,3 +16,7 @@ class ConfigError(KnotsError):
 
 class AdapterError(KnotsError):
     """An adapter directory that is missing, unreadable, corrupt or incompatible."""
+
+
+class OutputError(KnotsError):
+    """An output location that cannot be written without losing data or clashing with another writer."""

@@ -61,6 +61,12 @@ class LoraModule:
         return self.scaled_B(dtype) @ A
 
 
+def parameter_layout(delta: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """An ``(out, in)`` update in the layout of the base parameter it is added to (transposed for
+    ``fan_in_fan_out`` layers such as GPT-2's ``Conv1D``)."""
+    return delta.T if fan_in_fan_out else delta
+
+
 @dataclass
 class LoraAdapter:
     """A LoRA adapter as factors per module, plus the config it was read from."""
@@ -73,6 +79,10 @@ class LoraAdapter:
     @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
+
+    def delta_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``{"<module>.weight": dW}``: the adapter's update in the base model's parameter layout."""
+        return {f"{name}.weight": parameter_layout(m.delta(dtype), m.fan_in_fan_out) for name, m in self.modules.items()}
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -102,8 +112,12 @@ def module_name(key: str) -> tuple[str, str, str | None]:
     return module, match["part"], match["adapter"]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_config(config: Mapping[str, Any], where: str) -> None:
-    """Reject adapters that are not plain LoRA."""
+    """Reject adapters that are not plain LoRA, and configs whose values have the wrong type."""
     peft_type = config.get("peft_type", "LORA")
     peft_type = str(getattr(peft_type, "value", peft_type)).upper()
     if peft_type != "LORA":
@@ -114,6 +128,45 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
         raise AdapterError(f"{where}: adapters that train biases (bias={config['bias']!r}) are not supported")
     if "r" not in config:
         raise AdapterError(f"{where}: adapter_config.json has no 'r'")
+    if not (isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] >= 1):
+        raise AdapterError(f"{where}: adapter_config.json: r must be a positive integer, got {config['r']!r}")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise AdapterError(f"{where}: adapter_config.json: lora_alpha must be a number, got {config['lora_alpha']!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise AdapterError(f"{where}: adapter_config.json: {key} must be true or false, got {config[key]!r}")
+    for key, valid, kind in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"), ("alpha_pattern", _is_number, "a number")):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, Mapping):
+            raise AdapterError(f"{where}: adapter_config.json: {key} must be a mapping, got {patterns!r}")
+        for pattern, value in patterns.items():
+            if not valid(value):
+                raise AdapterError(f"{where}: adapter_config.json: {key}[{pattern!r}] must be {kind}, got {value!r}")
+
+
+def check_same_base_model(adapters: list[LoraAdapter]) -> str | None:
+    """A one-line warning when the adapters name different base models (``base_model_name_or_path``)."""
+    bases = {adapter.name: adapter.base_model for adapter in adapters if adapter.base_model}
+    if len(set(bases.values())) <= 1:
+        return None
+    listed = "; ".join(f"{name}: {base}" for name, base in bases.items())
+    return f"the adapters were trained on different base models ({listed}); the merge assumes one base model"
+
+
+def choose_adapter(names: list[str], adapter_name: str | None, where: str) -> str | None:
+    """Which named adapter of a weights file to read: the only one, or ``adapter_name`` among several.
+
+    Keys carry the adapter's name (``lora_A.<name>.weight``) in some PEFT versions and files saved
+    from a model holding several adapters; keys without a name belong to every choice.
+    """
+    if len(names) <= 1:
+        return names[0] if names else None
+    if adapter_name in names:
+        return adapter_name
+    listed = ", ".join(names)
+    if adapter_name is None:
+        raise AdapterError(f"{where}: the weights hold {len(names)} adapters ({listed}); choose one with adapter_name=<name>")
+    raise AdapterError(f"{where}: no adapter named {adapter_name!r} in the weights (found {listed})")
 
 
 def adapter_from_state_dict(
@@ -126,15 +179,21 @@ def adapter_from_state_dict(
     """Build a :class:`LoraAdapter` from PEFT LoRA weights and their config."""
     where = source or name
     check_config(config, where)
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
+    lora_keys = [key for key in state_dict if ".lora_" in key]  # modules_to_save copies and other extras are not LoRA updates
+    for key in state_dict:
         if any(part in key for part in _UNSUPPORTED_PARTS):
             raise AdapterError(f"{where}: {key!r} is not a linear LoRA weight (embedding/DoRA layers are not supported)")
-        if ".lora_" not in key:
-            continue  # modules_to_save copies and other extras are not LoRA updates
+    chosen = choose_adapter(sorted({found for key in lora_keys if (found := module_name(key)[2]) is not None}), adapter_name, where)
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    sources: dict[tuple[str, str], str] = {}
+    for key in lora_keys:
         module, part, adapter = module_name(key)
-        if adapter is not None and adapter_name is not None and adapter != adapter_name:
+        if adapter not in (None, chosen):
             continue
+        if (module, part) in sources:
+            raise AdapterError(f"{where}: module {module!r} has two lora_{part} weights ({sources[module, part]!r} and {key!r})")
+        sources[module, part] = key
+        tensor = state_dict[key]
         if not torch.is_tensor(tensor) or tensor.dim() != 2:
             raise AdapterError(f"{where}: {key!r} is not a 2-D tensor")
         if not torch.isfinite(tensor).all():
@@ -149,6 +208,12 @@ def adapter_from_state_dict(
         A, B = parts["A"], parts["B"]
         if A.shape[0] != B.shape[1]:
             raise AdapterError(f"{where}: module {module!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} of different ranks")
+        configured = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        if A.shape[0] != configured:
+            raise AdapterError(
+                f"{where}: module {module!r} has rank {A.shape[0]} in its weights but {configured} in adapter_config.json "
+                "(r / rank_pattern); the weights and the config do not belong together"
+            )
         modules[module] = LoraModule(A=A, B=B, scale=lora_scale(config, module, A.shape[0]), fan_in_fan_out=fan_in_fan_out)
     if not modules:
         raise AdapterError(f"{where}: no LoRA weights found")

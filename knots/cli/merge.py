@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -14,15 +13,18 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from knots import __version__
-from knots.cli.common import check_composition, fail, full_errors, one_line_errors
-from knots.errors import ConfigError, KnotsError
-from knots.lora import LoraAdapter, load_adapter
+from knots.atomic import atomic_directory, check_output_dir, write_json
+from knots.cli.common import check_composition, fail, notifier, one_line_errors, run_cli, warn
+from knots.cli.merge_schema import register_merge_schema
+from knots.errors import ConfigError
+from knots.lora import LoraAdapter, check_same_base_model, load_adapter
 from knots.merging import Hyperparameters, Ingredients, MergeResult, MergeSession, get_method, method_names
-from knots.merging.export import atomic_directory, check_output_dir, write_merge_outputs
-from knots.merging.registry import config_dir
+from knots.config.resources import config_dir
+from knots.merging.export import write_merge_outputs
+from knots.methods.config import METADATA_KEYS
 
 PROGRAM = "knots-merge"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -30,8 +32,9 @@ SVD_PATHS = ("factored", "dense")
 
 
 def hyperparameters(method_cfg: DictConfig) -> Hyperparameters:
+    """The method node's hyperparameters; the experiment pipeline's keys (search ranges...) are ignored."""
     fields = {key: method_cfg[key] for key in Hyperparameters.__dataclass_fields__ if key in method_cfg}
-    unknown = sorted(set(method_cfg) - set(Hyperparameters.__dataclass_fields__) - {"name"})
+    unknown = sorted(set(method_cfg) - set(Hyperparameters.__dataclass_fields__) - set(METADATA_KEYS))
     if unknown:
         raise ConfigError(f"unknown method option(s) {', '.join('method.' + u for u in unknown)}")
     return Hyperparameters(**fields)
@@ -44,15 +47,12 @@ def dtype(name: str, key: str) -> torch.dtype:
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
-    """Check every setting before any work; returns the parsed settings."""
+    """Check every setting, and that ``out`` can be written without losing anything, before any work."""
     method = get_method(cfg.method.name)
     hp = hyperparameters(cfg.method)
-    adapters = cfg.adapters
-    if isinstance(adapters, str):
-        adapters = [adapters]
-    if not isinstance(adapters, (list, ListConfig)) or not adapters:
+    if not cfg.adapters:
         raise ConfigError("adapters must be a non-empty list of adapter directories, e.g. adapters=[dirA,dirB]")
-    paths = [Path(str(a)).expanduser() for a in adapters]
+    paths = [Path(str(a)).expanduser() for a in cfg.adapters]
     for path in paths:
         if not path.is_dir():
             raise ConfigError(f"adapter directory not found: {path}")
@@ -61,25 +61,28 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"names has {len(names)} entries for {len(paths)} adapters")
     if len(set(names)) != len(names):
         raise ConfigError(f"adapter names must be distinct, got {names}; set names=[...]")
-    export_rank = cfg.export_rank
-    if export_rank is not None and (not isinstance(export_rank, int) or export_rank < 1):
-        raise ConfigError(f"export_rank must be a positive integer, got {export_rank!r}")
-    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
-        raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
-    if cfg.max_shard_size_mb <= 0:
-        raise ConfigError(f"max_shard_size_mb must be positive, got {cfg.max_shard_size_mb}")
+    if cfg.export_rank is not None and cfg.export_rank < 1:
+        raise ConfigError(f"export_rank must be a positive integer, got {cfg.export_rank}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads}")
+    if not 0 < cfg.max_shard_size_mb < float("inf"):
+        raise ConfigError(f"max_shard_size_mb must be a positive number, got {cfg.max_shard_size_mb}")
     if cfg.alignment.svd_path not in SVD_PATHS:
         raise ConfigError(f"alignment.svd_path must be one of {', '.join(SVD_PATHS)}, got {cfg.alignment.svd_path!r}")
-    if not (cfg.save_delta or cfg.save_adapter or export_rank):
+    if cfg.alignment.load is not None and not Path(cfg.alignment.load).expanduser().is_dir():
+        raise ConfigError(f"alignment.load: directory not found: {cfg.alignment.load}")
+    if not (cfg.save_delta or cfg.save_adapter or cfg.export_rank):
         raise ConfigError("nothing to write: save_delta, save_adapter and export_rank are all off")
-    if cfg.save_adapter and not cfg.save_delta and not export_rank and method.space == "dense" and not method.linear:
+    if cfg.save_adapter and not cfg.save_delta and not cfg.export_rank and method.space == "dense" and not method.linear:
         raise ConfigError(f"{method.name} merges are not exactly low-rank: keep save_delta=true or set export_rank")
-    out = check_output_dir(str(cfg.out), cfg.overwrite)
+    inputs = paths + ([Path(cfg.alignment.load).expanduser()] if cfg.alignment.load is not None else [])
+    out = check_output_dir(str(cfg.out), cfg.overwrite, protect=inputs, notify=notifier(PROGRAM))
     return {
         "method": method,
         "hp": hp,
         "paths": paths,
         "names": names,
+        "inputs": inputs,
         "out": out,
         "compute_dtype": dtype(cfg.alignment.compute_dtype, "alignment.compute_dtype"),
         "storage_dtype": dtype(cfg.alignment.storage_dtype, "alignment.storage_dtype"),
@@ -93,29 +96,36 @@ def versions() -> dict[str, str]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Merge and write every output; returns the content of merge.json."""
+    """Merge and write every output; returns the content of merge.json.
+
+    The staging directory is created before the adapters are read, so an ``out`` that cannot be
+    written fails before any work; ``out`` changes only once everything is written.
+    """
     settings = validate(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     method, hp = settings["method"], settings["hp"]
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    adapters = [load_adapter(path, name) for path, name in zip(settings["paths"], settings["names"])]
-    timings["load"] = time.perf_counter() - start
-    session = MergeSession(
-        adapters,
-        svd_path=cfg.alignment.svd_path,
-        compute_dtype=settings["compute_dtype"],
-        storage_dtype=settings["storage_dtype"],
-        progress=cfg.progress,
-    )
-    if cfg.alignment.load is not None and method.space != "dense":
+    with atomic_directory(settings["out"], overwrite=cfg.overwrite, protect=settings["inputs"], notify=notifier(PROGRAM), writer=PROGRAM) as staging:
+        timings: dict[str, float] = {}
         start = time.perf_counter()
-        session.set_ingredients(Ingredients.load(cfg.alignment.load))
-        timings["load_alignment"] = time.perf_counter() - start
-    result = session.merge(method.name, **hp.as_dict())
-    timings.update(session.timings)
-    with atomic_directory(settings["out"], overwrite=cfg.overwrite) as staging:
+        adapters = [load_adapter(path, name, cfg.adapter_name) for path, name in zip(settings["paths"], settings["names"])]
+        timings["load"] = time.perf_counter() - start
+        mismatch = check_same_base_model(adapters)
+        if mismatch:
+            warn(PROGRAM, mismatch)
+        session = MergeSession(
+            adapters,
+            svd_path=cfg.alignment.svd_path,
+            compute_dtype=settings["compute_dtype"],
+            storage_dtype=settings["storage_dtype"],
+            progress=cfg.progress,
+        )
+        if cfg.alignment.load is not None and method.space != "dense":
+            start = time.perf_counter()
+            session.set_ingredients(Ingredients.load(cfg.alignment.load))
+            timings["load_alignment"] = time.perf_counter() - start
+        result = session.merge(method.name, **hp.as_dict())
+        timings.update(session.timings)
         start = time.perf_counter()
         template = dict(adapters[0].config)
         report = write_merge_outputs(
@@ -133,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             report["files"] += ["alignment/ingredients.safetensors", "alignment/ingredients.json"]
         timings["write"] = time.perf_counter() - start
         summary = describe(cfg, settings, adapters, session, result, report, timings)
-        (staging / "merge.json").write_text(json.dumps(summary, indent=2))
+        write_json(staging / "merge.json", summary, durable=False)
     return summary
 
 
@@ -198,27 +208,27 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 @hydra.main(config_path=str(config_dir()), config_name="merge", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     summary = one_line_errors(PROGRAM)(run)(cfg)
-    print_summary(summary, Path(str(cfg.out)).expanduser())
+    if summary is not None:  # None: a failed job of a multirun, already reported
+        print_summary(summary, Path(str(cfg.out)).expanduser())
 
 
 def check_method_override(argv: list[str]) -> None:
     """Fail fast, with the known names, on ``method=<unknown>`` (before Hydra looks for the file)."""
     for argument in argv:
         if argument.startswith("method="):
-            name = argument.split("=", 1)[1]
-            if name not in method_names():
-                fail(PROGRAM, f"unknown merge method {name!r}; known methods: {', '.join(method_names())}")
+            for name in argument.split("=", 1)[1].split(","):  # method=ta,ties in a multirun
+                if name.strip() not in method_names():
+                    fail(PROGRAM, f"unknown merge method {name.strip()!r}; known methods: {', '.join(method_names())}")
 
 
 def main() -> None:
-    try:
+    def merge() -> None:
         check_method_override(sys.argv[1:])
-        check_composition(PROGRAM, str(config_dir()), "merge", sys.argv[1:])
+        check_composition(PROGRAM, str(config_dir()), "merge", sys.argv[1:], register=register_merge_schema)
+        register_merge_schema()
         hydra_main()
-    except KnotsError as error:
-        if full_errors():
-            raise
-        fail(PROGRAM, str(error))
+
+    run_cli(PROGRAM, merge)
 
 
 if __name__ == "__main__":

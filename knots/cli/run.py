@@ -13,10 +13,10 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from knots.config.resources import config_dir
 from knots.config.schema import register_configs, to_run_config
 from knots.errors import KnotsError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("knots")
 
 
@@ -40,8 +40,9 @@ def _task(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     log.info("results: %s", output_dir / "results.md")
-    best = max(m["avg_normalized_accuracy"] for m in results["methods"].values())
-    return best
+    if "methods" not in results:
+        return None
+    return max(m["avg_normalized_accuracy"] for m in results["methods"].values())
 
 
 def check_group_choices(argv: list[str], config_dir: Path) -> str | None:
@@ -71,12 +72,12 @@ def check_group_choices(argv: list[str], config_dir: Path) -> str | None:
 
 def main() -> None:
     """Entry point of ``knots-run``."""
-    problem = check_group_choices(sys.argv[1:], Path(CONFIG_DIR))
+    problem = check_group_choices(sys.argv[1:], config_dir())
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     register_configs()
-    hydra.main(config_path=CONFIG_DIR, config_name="run", version_base="1.3")(_task)()
+    hydra.main(config_path=str(config_dir()), config_name="run", version_base="1.3")(_task)()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 """Dataclass schemas of ``knots-run``.
 
 Hydra merges every YAML file into these types, so an unknown key or a wrongly typed value fails at
-composition. Ranges and cross-field rules are checked by each schema's ``validate``, which ``to_run_config`` calls
-on every node after turning the composed config into objects (before any data or model is loaded).
+composition. The YAML files hold the defaults: a field that ``conf/`` always sets is ``MISSING`` here,
+so the two can never disagree. Ranges and cross-field rules are checked by each schema's ``validate``,
+which ``to_run_config`` calls on every node after turning the composed config into objects (before any
+data or model is loaded).
+
+The run's three roles are three nodes: ``model`` (the model pool: backbone, LoRA, heads, given adapters
+in ``adapters``), ``benchmark`` (the task pool: tasks, splits, templates) and ``methods`` (names of
+registered merge methods, configured by ``conf/method/<name>.yaml``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +26,17 @@ from knots.errors import ConfigError
 SELECTION_METRICS = ("avg_normalized_accuracy", "joint_hits@3")
 SEARCH_STRATEGIES = ("linear", "grid", "none")
 DATA_SOURCES = ("csv", "json", "lines", "hf", "callable", "task")
-#: Sources whose builder makes the whole task (classes, templates, splits); no ``classes`` in config.
+#: Sources built by a Python function named in ``loader._target_``.
+CODE_SOURCES = ("callable", "task")
+#: Sources whose builder makes the whole task (class names, templates, source splits): no ``classes``.
 TASK_SOURCES = ("task",)
 SPLIT_ROLES = ("train", "validation", "test")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "fp32_scaled", "bf16", "fp16")
+#: What merged accuracies are divided by: each task's finetuned accuracy as measured in the run, or
+#: the authors' fixed values (knots.vision.paper), on validation and test alike.
+NORMALIZERS = ("measured", "paper")
+HEAD_KINDS = ("zero_shot", "trained")
+STAGES = ("all", "finetune")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -32,27 +44,36 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _steps(start: float, stop: float, step: float) -> list[float]:
-    n = int(round((stop - start) / step)) + 1
-    return [round(start + i * step, 6) for i in range(n)]
+def _check_target(node: dict[str, Any] | None, where: str) -> None:
+    """A ``_target_`` node must name an importable object (checked without calling it)."""
+    if node is None:
+        return
+    target = node.get("_target_") if isinstance(node, dict) else None
+    _check(isinstance(target, str) and bool(target), f"{where} needs a '_target_' naming a Python object")
+    from hydra.utils import get_object
+
+    try:
+        get_object(target)
+    except Exception:  # Hydra raises ImportError / InstantiationException variants
+        raise ConfigError(f"{where}: cannot import {target!r}") from None
 
 
 @dataclass
 class PathsConfig:
     """Where runs write (``output_dir``) and where finetuned adapters are cached (``cache_dir``)."""
 
-    log_dir: str = "outputs"
-    cache_dir: str = "${paths.log_dir}/cache"
-    output_dir: str = "${hydra:runtime.output_dir}"
+    log_dir: str = MISSING
+    cache_dir: str = MISSING
+    output_dir: str = MISSING
 
 
 @dataclass
 class LoraSettings:
     """PEFT LoRA settings; ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) scales the update."""
 
-    r: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.1
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
     target_modules: list[str] = MISSING
     use_rslora: bool = False
 
@@ -64,24 +85,31 @@ class LoraSettings:
 
 
 @dataclass
-class ModelConfig:
-    """A backbone: ``backbone`` is the import path ``module:Class`` of a ``knots.models.base.Backbone``,
-    constructed as ``Class(path=path, name=name, lora_target_modules=lora.target_modules, **options)``."""
+class HeadSettings:
+    """Per-task heads: ``zero_shot`` (built once by the frozen model from class names and templates,
+    never trained) or ``trained`` (a linear map trained with the LoRA and saved with the adapter as a
+    PEFT ``modules_to_save`` module named ``module``)."""
 
-    name: str = MISSING
-    backbone: str = MISSING
-    path: str = MISSING
-    options: dict[str, Any] = field(default_factory=dict)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    kind: str = "zero_shot"
+    module: str = "score"
+    bias: bool = False
 
     def validate(self) -> None:
-        module, _, attr = self.backbone.partition(":")
-        _check(bool(module and attr), f"model.backbone must look like 'module:Class', got {self.backbone!r}")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            raise ConfigError(f"unknown model backbone {self.backbone!r} (model {self.name})") from None
-        self.backbone_class = cls
+        _check(self.kind in HEAD_KINDS, f"unknown model.head.kind {self.kind!r}; expected one of {HEAD_KINDS}")
+        _check(self.module.isidentifier(), f"model.head.module must be a Python identifier, got {self.module!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The model pool's backbone: ``backbone`` is instantiated (``_target_``) with ``name``."""
+
+    name: str = MISSING
+    backbone: dict[str, Any] = MISSING
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
+
+    def validate(self) -> None:
+        _check_target(self.backbone, f"model {self.name}: backbone")
 
 
 @dataclass
@@ -103,12 +131,13 @@ class ClassConfig:
 
 @dataclass
 class SplitConfig:
-    """How a task's train / validation / test sets are made, reproducibly.
+    """How a task's train / validation / test sets are made, reproducibly, for every kind of source.
 
-    Single-pool sources (csv, json, lines, or an HF dataset without ``source_splits``) are split by
-    ``fractions`` (stratified by class, seeded). ``source_splits`` maps roles to the source's own splits;
-    a role missing from it is carved (stratified, ``carve_fraction``) out of the ``carve_from`` role.
-    ``max_*`` then caps each set (seeded; ``balance`` takes equally many examples per class).
+    Single-pool sources (csv, json, lines, an HF dataset without ``source_splits``, a loader returning
+    one list) are split by ``fractions`` (stratified by class, seeded). ``source_splits`` maps roles to
+    the source's own splits; a role missing from it is carved (stratified, ``carve_fraction``) out of the
+    ``carve_from`` role. ``max_*`` then caps each set (seeded; ``balance`` takes equally many examples
+    per class).
     """
 
     seed: int = 0
@@ -135,20 +164,20 @@ class SplitConfig:
 
 @dataclass
 class TaskConfig:
-    """A labelled dataset, defined without code.
+    """A labelled dataset, defined without code (or by one function).
 
     ``source``: ``csv`` / ``json`` (pandas readers; ``read_options`` are passed on), ``lines`` (a text
     file, one example per line, parsed by the regex ``pattern`` with groups ``input`` and ``label``),
     ``hf`` (a Hugging Face dataset name or a local ``save_to_disk`` directory; ``read_options`` go to
-    ``load_dataset``), ``callable`` (``path`` is ``module:function`` returning rows or a dict of
-    splits of rows, a row being ``(input, raw_label)``), or ``task`` (``path`` is ``module:function``
-    called as ``function(name=<task>, **read_options)`` and returning a whole
-    ``knots.data.tasks.TaskData``: its class names, templates and splits come from the builder, so
-    ``classes`` stays empty and ``templates`` / ``split`` are not used).
+    ``load_dataset``), ``callable`` (``loader`` is instantiated and returns rows ``(input, raw_label)``
+    or a dict of named splits of rows), or ``task`` (``loader`` is instantiated with ``name=<task>`` and
+    returns a ``knots.data.tasks.TaskSource``: class names, templates and source splits come from the
+    builder, so ``classes`` stays empty and ``templates`` is not used; ``split`` applies as for any task).
     """
 
     source: str = "csv"
-    path: str = MISSING
+    path: str | None = None
+    loader: dict[str, Any] | None = None
     input_column: str = "text"
     label_column: str = "label"
     pattern: str | None = None
@@ -159,6 +188,10 @@ class TaskConfig:
 
     def validate(self) -> None:
         _check(self.source in DATA_SOURCES, f"unknown data source {self.source!r}; expected one of {DATA_SOURCES}")
+        if self.source in CODE_SOURCES:
+            _check(self.loader is not None, f"source {self.source!r} needs a 'loader' with a '_target_'")
+        else:
+            _check(bool(self.path), f"source {self.source!r} needs a 'path'")
         if self.source in TASK_SOURCES:
             _check(not self.classes, f"source {self.source!r} takes its classes from the builder; remove 'classes'")
         else:
@@ -170,22 +203,32 @@ class TaskConfig:
 
 @dataclass
 class BenchmarkConfig:
-    """A task set. ``select`` picks a subset of ``tasks`` (in that order); null means all."""
+    """The task pool: a task set. ``select`` picks a subset of ``tasks`` (in that order); null means all.
+
+    ``split`` holds split settings applied to every task, over the task's own (e.g. the caps that fit
+    a time budget): a benchmark decides the sizes, a task how its data is split.
+    """
 
     name: str = MISSING
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     select: list[str] | None = None
+    split: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _check(len(self.tasks) > 0, f"benchmark {self.name} defines no tasks")
+        known = {f.name for f in dataclasses.fields(SplitConfig)}
+        for key in self.split:
+            _check(key in known, f"benchmark.split: unknown split setting {key!r}; known: {', '.join(sorted(known))}")
+        if self.split:
+            for task in self.tasks.values():
+                task.split = dataclasses.replace(task.split, **self.split)
+                task.split.validate()
         for name in self.select or []:
             _check(name in self.tasks, f"unknown task {name!r} in benchmark {self.name}; known: {', '.join(self.tasks)}")
-        _check(len(self.task_names) >= 2, "merging needs at least 2 tasks")
-        from knots.data.sources import resolve_callable
-
+        _check(len(self.task_names) >= 1, f"benchmark {self.name}: no task selected")
         for name in self.task_names:
-            if self.tasks[name].source in ("callable", *TASK_SOURCES):
-                resolve_callable(self.tasks[name].path, name)  # a loader that cannot be imported fails here
+            if self.tasks[name].source in CODE_SOURCES:
+                _check_target(self.tasks[name].loader, f"task {name}: loader")
 
     @property
     def task_names(self) -> list[str]:
@@ -203,30 +246,55 @@ class FinetuneConfig:
     off CUDA. ``num_workers``: DataLoader processes that decode and preprocess training batches
     (0: in the training process); the batches are the same either way.
 
+    The authors' recipe (``protocol=reference``) needs five more settings, all off by default:
+    ``epochs`` (every task) or ``epochs_per_task`` (task -> epochs, over ``epochs``) replace ``steps``
+    by ``epochs * ceil(n_train / batch_size)``; ``schedule_steps`` is the cosine's horizon (null:
+    the training length; past it the cosine goes on and the learning rate rises again, as the
+    authors' ``cosine_lr`` does); ``min_improvement`` (points of accuracy) is the margin by which a
+    validation accuracy must beat the best one to count as better; ``fp32_scaled`` precision runs in
+    fp32 with a gradient scaler (on any device); ``train_logit_scale`` multiplies the normalized
+    features by this in training (the zero-shot heads' evaluation scale stays 100: the authors' 10^4
+    is their heads, already scaled by 100, scaled by 100 again, a defect reproduced only on request).
+
     Fields marked ``cache_key=False`` do not change the trained adapter and stay out of its cache key;
     ``cache_key="non_default"`` ones enter it only when set, so older adapters keep their keys.
     """
 
-    steps: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = field(default=25, metadata={"cache_key": False})
-    log_every: int = field(default=10, metadata={"cache_key": False})
-    eval_batch_size: int = field(default=128, metadata={"cache_key": False})
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_steps: int = MISSING
+    grad_clip: float = MISSING
+    seed: int = MISSING
+    checkpoint_every: int = field(default=MISSING, metadata={"cache_key": False})
+    log_every: int = field(default=MISSING, metadata={"cache_key": False})
+    eval_batch_size: int = field(default=MISSING, metadata={"cache_key": False})
     eval_every: int | None = field(default=None, metadata={"cache_key": "non_default"})
     patience: int | None = field(default=None, metadata={"cache_key": "non_default"})
     precision: str = field(default="auto", metadata={"cache_key": False})  # the resolved one is keyed
     num_workers: int = field(default=0, metadata={"cache_key": False})
+    # per task, these become ``steps`` and ``schedule_steps`` before the cache key is made (training.task_recipe)
+    epochs: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    epochs_per_task: dict[str, int] = field(default_factory=dict, metadata={"cache_key": "non_default"})
+    schedule_steps: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    min_improvement: float = field(default=0.0, metadata={"cache_key": "non_default"})
+    train_logit_scale: float = field(default=100.0, metadata={"cache_key": "non_default"})
 
     def validate(self) -> None:
         _check(self.steps >= 1, f"finetune.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
-        _check(0 <= self.warmup_steps <= self.steps, "finetune.warmup_steps must be in [0, steps]")
+        epochs = [self.epochs, *self.epochs_per_task.values()]
+        _check(all(e is None or e >= 1 for e in epochs), "finetune.epochs and finetune.epochs_per_task must be >= 1")
+        if self.epochs is None and not self.epochs_per_task:
+            _check(0 <= self.warmup_steps <= self.steps, "finetune.warmup_steps must be in [0, steps]")
+        _check(self.warmup_steps >= 0, "finetune.warmup_steps must be >= 0")
+        _check(self.schedule_steps is None or self.schedule_steps > self.warmup_steps,
+               "finetune.schedule_steps must be greater than finetune.warmup_steps (or null)")
+        _check(self.min_improvement >= 0, f"finetune.min_improvement must be >= 0, got {self.min_improvement}")
+        _check(not self.min_improvement or bool(self.eval_every), "finetune.min_improvement needs finetune.eval_every")
+        _check(self.train_logit_scale > 0, f"finetune.train_logit_scale must be > 0, got {self.train_logit_scale}")
         _check(self.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1")
         _check(self.eval_batch_size >= 1, "finetune.eval_batch_size must be >= 1")
         _check(self.eval_every is None or self.eval_every >= 0, "finetune.eval_every must be >= 0 or null")
@@ -240,53 +308,33 @@ class FinetuneConfig:
 class SearchConfig:
     """Hyperparameter selection on validation data.
 
-    ``linear``: tune ``scaling`` first, then the pruning parameter (``p`` for DARE methods, else
-    ``top_k``), each coordinate scanned in list order; ``patience`` stops a coordinate after that many
-    points without improvement (1 = the reference's stop at the first drop; null scans all).
-    ``grid``: every combination. ``none``: the method's defaults. DARE methods are re-evaluated with
-    every seed in ``dare_seeds`` at the selected point; the best seed is kept.
-    ``top_k`` is a percent of entries kept, in (0, 100]; ``p`` a drop probability in [0, 1).
+    Each method names the hyperparameters it searches, in order (``search`` in its
+    ``conf/method/<name>.yaml``), and those it re-evaluates at the selected point (``repeat``, e.g.
+    DARE's seed). Their values come from ``ranges`` (the paper's ranges), unless the method's file
+    gives its own. ``linear``: tune one coordinate at a time, in order, each scanned in list order;
+    ``patience`` stops a coordinate after that many points without improvement (1 = the reference's
+    stop at the first drop; null scans all). ``grid``: every combination. ``none``: the defaults.
     """
 
-    strategy: str = "linear"
-    metric: str = "avg_normalized_accuracy"
-    patience: int | None = 1
-    scaling: list[float] = field(default_factory=lambda: _steps(0.1, 1.0, 0.1))
-    top_k: list[float] = field(default_factory=lambda: _steps(10, 100, 10))
-    p: list[float] = field(default_factory=lambda: [0.99] + _steps(0.9, 0.1, -0.1))
-    regmean_alpha: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9, 1.0])
-    dare_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    strategy: str = MISSING
+    metric: str = MISSING
+    patience: int | None = MISSING
+    ranges: dict[str, list[Any]] = MISSING
 
     def validate(self) -> None:
         _check(self.strategy in SEARCH_STRATEGIES, f"unknown search.strategy {self.strategy!r}; expected one of {SEARCH_STRATEGIES}")
         _check(self.metric in SELECTION_METRICS, f"unknown search.metric {self.metric!r}; expected one of {SELECTION_METRICS}")
         _check(self.patience is None or self.patience >= 1, "search.patience must be >= 1 or null")
-        _check(len(self.scaling) > 0 and all(v > 0 for v in self.scaling), "search.scaling values must be > 0")
-        for k in self.top_k:
-            _check(0 < k <= 100, f"top_k must be a percent in (0, 100], got {k}")
-        for p in self.p:
-            _check(0 <= p < 1, f"p (DARE drop rate) must be in [0, 1), got {p}")
-        for a in self.regmean_alpha:
-            _check(0 <= a <= 1, f"regmean alpha must be in [0, 1], got {a}")
-        _check(len(self.dare_seeds) > 0, "search.dare_seeds is empty")
-
-
-@dataclass
-class RegMeanConfig:
-    """RegMean: Gram matrices from ``num_examples`` training inputs per task."""
-
-    num_examples: int = 128
-
-    def validate(self) -> None:
-        _check(self.num_examples >= 1, "regmean.num_examples must be >= 1")
+        for name, values in self.ranges.items():
+            _check(len(values) > 0, f"search.ranges.{name} is empty")
 
 
 @dataclass
 class LoggerConfig:
     """Weights & Biases: ``offline`` writes a run directory that ``wandb sync`` uploads; ``none`` logs nothing."""
 
-    backend: str = "wandb"
-    mode: str = "offline"
+    backend: str = MISSING
+    mode: str = MISSING
     project: str = "knots"
     entity: str | None = None
     group: str | None = None
@@ -301,19 +349,16 @@ class LoggerConfig:
 class AdaptersConfig:
     """Existing adapters to merge instead of finetuning (empty: finetune one per task).
 
-    ``paths`` maps task -> PEFT adapter directory. ``loader`` (``module:function``) is called as
-    ``loader(tasks=[...], cache_dir=paths.cache_dir, **options)`` and returns such a mapping.
+    ``paths`` maps task -> PEFT adapter directory. ``loader`` is instantiated (``_target_``) with
+    ``tasks=[...]`` and ``cache_dir=paths.cache_dir`` and returns such a mapping.
     """
 
-    loader: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    loader: dict[str, Any] | None = None
     paths: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         _check(not (self.loader and self.paths), "adapters: give either a loader or paths, not both")
-        if self.loader:
-            module, _, attr = self.loader.partition(":")
-            _check(bool(module and attr), f"adapters.loader must look like 'module:function', got {self.loader!r}")
+        _check_target(self.loader, "adapters.loader")
 
     @property
     def given(self) -> bool:
@@ -322,41 +367,89 @@ class AdaptersConfig:
 
 @dataclass
 class RunConfig:
-    """Everything ``knots-run`` needs: model, task set, methods, finetuning, search, logging."""
+    """Everything ``knots-run`` needs: model pool, task pool, methods, finetuning, search, logging."""
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     methods: list[str] = MISSING
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    analyses: list[str] = field(default_factory=list)
+    analysis_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    regmean: RegMeanConfig = field(default_factory=RegMeanConfig)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
-    device: str = "cpu"
+    stage: str = "all"
+    #: Configuration directories searched after the packaged one for method and analysis files
+    #: (knots-run fills it from Hydra's search path, e.g. ``hydra.searchpath=[file://...]``).
+    config_dirs: list[str] = field(default_factory=list)
+    seed: int = MISSING
+    device: str = MISSING
     threads: int | None = None
     progress: bool = True
+    #: ``measured`` or ``paper`` (NORMALIZERS); set by the ``protocol`` group.
+    normalizers: str = MISSING
 
     def validate(self) -> None:
-        from knots.pipeline.methods import check_params, known_methods
+        from knots.analyses import analysis_names, analysis_options
+        from knots.methods import check_method_params, method_names
+        from knots.methods.config import ensure_registered
 
-        known = known_methods()
-        _check(len(self.methods) > 0, "no methods selected")
+        _check(self.stage in STAGES, f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        for m in {*self.methods, *self.method_params} - {"all"}:
+            ensure_registered(m, self.config_dirs)
+        for a in self.analyses:
+            analysis_options(a, None, self.config_dirs)
+        if self.stage == "all":
+            _check(len(self.benchmark.task_names) >= 2, "merging needs at least 2 tasks")
+            _check(len(self.methods) > 0, "no methods selected")
+        known = method_names()
+        if self.methods == ["all"]:
+            self.methods = list(known)
         for m in self.methods:
             _check(m in known, f"unknown method {m!r}; known: {', '.join(known)}")
         for m, params in self.method_params.items():
             _check(m in known, f"unknown method {m!r} in method_params")
-            check_params(m, params)
-            if "top_k" in params:
-                _check(0 < params["top_k"] <= 100, f"top_k must be a percent in (0, 100], got {params['top_k']}")
-            if "p" in params:
-                _check(0 <= params["p"] < 1, f"p (DARE drop rate) must be in [0, 1), got {params['p']}")
+            check_method_params(m, params)
+        if self.stage == "all":
+            for m in self.methods:
+                self._check_search_space(m)
+        if self.model.head.kind == "trained":
+            _check(self.search.metric != "joint_hits@3",
+                   "search.metric joint_hits@3 needs zero-shot heads: with trained heads the tasks have no shared label space")
+        known_analyses = analysis_names()
+        for a in self.analyses:
+            _check(a in known_analyses, f"unknown analysis {a!r}; known: {', '.join(known_analyses) or 'none'}")
         if self.finetune.precision in ("bf16", "fp16"):
             _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:
             _check(task in self.benchmark.tasks, f"adapters.paths: unknown task {task!r}")
+        _check(self.normalizers in NORMALIZERS, f"unknown normalizers {self.normalizers!r}; expected one of {NORMALIZERS}")
+        if self.normalizers == "paper":
+            from knots.vision.paper import paper_normalizers
+
+            paper_normalizers(self.model.backbone.get("arch"), self.benchmark.task_names)
+        missing = [t for t in self.benchmark.task_names if self.finetune.epochs is None
+                   and self.finetune.epochs_per_task and t not in self.finetune.epochs_per_task]
+        _check(self.adapters.given or not missing, f"finetune.epochs_per_task has no value for task(s) {', '.join(missing)} "
+               f"(and finetune.epochs is null)")
+        if self.model.head.kind == "trained":
+            _check(self.finetune.train_logit_scale == 100.0,
+                   "finetune.train_logit_scale scales zero-shot heads' logits; with trained heads leave it at 100")
+
+
+    def _check_search_space(self, method: str) -> None:
+        """Every value the search would try for ``method`` is valid (checked before any work)."""
+        from knots.methods.config import check_values, method_config
+
+        fixed = self.method_params.get(method, {})
+        config = method_config(method, fixed, self.config_dirs)
+        searched, repeated = config.coordinates(self.search.ranges, fixed)
+        check_values(method, config.defaults)
+        for name, values in [*searched, *repeated]:
+            for value in values:
+                check_values(method, {**config.defaults, name: value})
 
 
 def _pkg_dir(package: str) -> str:
@@ -369,6 +462,8 @@ def _pkg_dir(package: str) -> str:
 
 def _pkg_model_path(package: str) -> str:
     """``<package>.get_model_path()`` of a package that ships model weights."""
+    import importlib
+
     try:
         return str(importlib.import_module(package).get_model_path())
     except ImportError:
@@ -400,6 +495,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     assert isinstance(obj, RunConfig)
+    if not obj.config_dirs:
+        from knots.config.resources import runtime_search_dirs
+
+        obj.config_dirs = [str(p) for p in runtime_search_dirs()]
     _validate_tree(obj)
     return obj
 

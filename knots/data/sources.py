@@ -6,7 +6,6 @@ A reader returns either one pool of rows or a dict of named source splits. Reade
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from collections.abc import Callable
@@ -86,22 +85,24 @@ def _dataset_rows(data: Any, cfg: Any, task: str) -> list[Row]:
     return list(zip(data[cfg.input_column], data[cfg.label_column]))
 
 
-def resolve_callable(path: str, task: str) -> Callable[..., Any]:
-    """The function named by ``module:function`` (a task's loader or builder); one-line ``ConfigError`` otherwise."""
-    module, _, attr = path.partition(":")
-    if not (module and attr):
-        raise ConfigError(f"task {task}: path must look like 'module:function', got {path!r}")
+def instantiate_loader(node: Any, task: str, **kwargs: Any) -> Any:
+    """Call the loader a task names with ``_target_`` (its other keys and ``kwargs`` are the arguments)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"task {task}: cannot import loader {path!r}") from None
-    if not callable(fn):
-        raise ConfigError(f"task {task}: {path!r} is not callable")
-    return fn
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        message = str(cause or error).splitlines()[0]
+        raise ConfigError(f"task {task}: the loader {node.get('_target_')!r} failed ({message})") from None
 
 
 def read_callable(cfg: Any, task: str) -> Rows:
-    return resolve_callable(cfg.path, task)(**cfg.read_options)
+    """Rows from a task's ``loader`` (``_target_`` plus arguments)."""
+    return instantiate_loader(cfg.loader, task)
 
 
 READERS: dict[str, Callable[[Any, str], Rows]] = {

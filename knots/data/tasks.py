@@ -7,7 +7,8 @@ by hand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,80 @@ from typing import Any
 Example = tuple[Any, int]
 
 SPLITS = ("train", "validation", "test")
+
+
+class LazyInput(ABC):
+    """An input read only when a batch needs it (e.g. an image decoded from a dataset on demand)."""
+
+    @abstractmethod
+    def load(self) -> Any:
+        """The input itself."""
+
+
+def materialize(x: Any) -> Any:
+    """The input itself: lazy inputs are loaded, others returned as they are."""
+    return x.load() if isinstance(x, LazyInput) else x
+
+
+class LabelledPool(Sequence):
+    """Labelled examples whose labels are known without reading the inputs (which may be lazy).
+
+    ``pool[i]`` is ``(input, label)``; ``labels`` holds every label; ``subset(positions)`` is a view in
+    the given order. Splitting (``knots.data.splits``) only ever looks at ``labels``.
+    """
+
+    def __init__(self, inputs: Sequence[Any], labels: Sequence[int], positions: Sequence[int] | None = None) -> None:
+        self._inputs = inputs
+        self._all_labels = [int(y) for y in labels]
+        self._positions = list(range(len(self._all_labels))) if positions is None else [int(p) for p in positions]
+        self.labels = [self._all_labels[p] for p in self._positions]
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example]) -> LabelledPool:
+        return cls([x for x, _ in examples], [y for _, y in examples])
+
+    @classmethod
+    def concat(cls, pools: Sequence[LabelledPool]) -> LabelledPool:
+        """One pool holding every example of ``pools``, in order."""
+        return cls([x for pool in pools for x, _ in pool], [y for pool in pools for y in pool.labels])
+
+    def subset(self, positions: Sequence[int]) -> LabelledPool:
+        return LabelledPool(self._inputs, self._all_labels, [self._positions[p] for p in positions])
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        p = self._positions[i]
+        return self._inputs[p], self._all_labels[p]
+
+    def __iter__(self) -> Iterator[Example]:
+        for p in self._positions:
+            yield self._inputs[p], self._all_labels[p]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+
+@dataclass
+class TaskSource:
+    """What a task builder (``source: task``) returns: the task's classes and its own named splits.
+
+    The pipeline turns it into a :class:`TaskData` with the task's ``split`` settings, exactly as for
+    tasks read from files, so every task is split by the same code. ``info`` says where the splits
+    came from (plain JSON data: the dataset, a fixed split's rule and expected sizes...); it is
+    carried to ``TaskData.info``, the run log and results.json.
+    """
+
+    name: str
+    class_names: list[str]
+    templates: list[str]
+    splits: dict[str, LabelledPool]
+    label_keys: list[str] = field(default_factory=list)
+    class_mask: list[bool] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -29,6 +104,11 @@ class TaskData:
             one class of the joint label space (e.g. ``digit/3`` for MNIST and SVHN). Defaults to
             ``"<task>/<class name>"``: no sharing unless asked for.
         train, validation, test: sequences of ``(input, label)``; may be lazy.
+        class_mask: per class, whether the task has it (None: all). A task inside a shared label
+            space that lacks some classes (a two-class task in a three-way space) masks them out of
+            its logits, in training and evaluation.
+        info: how the splits were made (plain JSON data, e.g. a builder's ``TaskSource.info`` and the
+            sizes of the source's splits before any cap); reported in the run log and results.json.
     """
 
     name: str
@@ -38,6 +118,8 @@ class TaskData:
     validation: Sequence[Example]
     test: Sequence[Example]
     label_keys: list[str] = field(default_factory=list)
+    class_mask: list[bool] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.label_keys:
@@ -46,6 +128,8 @@ class TaskData:
             raise ValueError(f"task {self.name}: {len(self.label_keys)} label keys for {len(self.class_names)} classes")
         if len(set(self.label_keys)) != len(self.label_keys):
             raise ValueError(f"task {self.name}: duplicate label keys")
+        if self.class_mask is not None and len(self.class_mask) != len(self.class_names):
+            raise ValueError(f"task {self.name}: class_mask has {len(self.class_mask)} entries for {len(self.class_names)} classes")
 
     @property
     def num_classes(self) -> int:

@@ -1,60 +1,25 @@
 """Writing merge results: the merged ``dW`` (sharded, streamed), PEFT adapters, ``merge.json``.
 
-Everything is written into a temporary sibling directory that is renamed onto ``out`` only once the
-whole merge is written, so ``out`` never holds a partial result.
+The functions here write into a staging directory; :func:`knots.atomic.atomic_directory` makes it
+``out`` only once the whole merge is written, so ``out`` never holds a partial result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from knots.errors import ConfigError
 from knots.lora import CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME
 from knots.merging.session import MergeResult
 
 DELTA_NAME = "delta_weights.safetensors"
 DELTA_INDEX_NAME = "delta_weights.safetensors.index.json"
-
-
-def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an ``out`` that is a file, or a non-empty directory without ``overwrite``."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"out={out} is not empty; pass overwrite=true to replace it")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block completes."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int) -> list[str]:

@@ -6,9 +6,7 @@ default hyperparameters.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Literal
 
 import torch
@@ -70,15 +68,11 @@ def get_method(name: str) -> MergeMethod:
         raise ConfigError(f"unknown merge method {name!r}; known methods: {', '.join(method_names())}") from None
 
 
-def config_dir() -> Path:
-    """The project's ``conf/`` directory (``KNOTS_CONFIG_DIR`` overrides it)."""
-    override = os.environ.get("KNOTS_CONFIG_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "conf"
-
-
 def load_method_config(name: str) -> dict[str, object]:
-    """The default hyperparameters of ``name`` from ``conf/method/<name>.yaml``."""
+    """The content of ``conf/method/<name>.yaml`` from the configuration shipped with the package."""
     from omegaconf import OmegaConf
+
+    from knots.config.resources import config_dir
 
     get_method(name)
     path = config_dir() / "method" / f"{name}.yaml"

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from knots.lora import LoraAdapter
+from knots.lora import LoraAdapter, parameter_layout
 from knots.merging.alignment import Ingredients, Orientation, SvdPath, align
 from knots.merging.family import Hyperparameters
 from knots.merging.registry import MergeMethod, get_method
@@ -46,7 +46,7 @@ class MergeResult:
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The merged ``dW`` in the base parameter's layout (transposed for ``fan_in_fan_out``)."""
         delta = self.vectors.to_delta(module, self.merged[module]).to(dtype)
-        return delta.T.contiguous() if self.taskset.fan_in_fan_out(module) else delta
+        return parameter_layout(delta, self.taskset.fan_in_fan_out(module)).contiguous()
 
     def deltas(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """``(parameter name, dW)`` per module, computed one at a time."""

@@ -5,16 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from knots.errors import ConfigError
-from knots.models.base import LOGIT_SCALE, Backbone, encode, logits
+from knots.models.base import Backbone, to_device
 
 
 def build_backbone(cfg: Any) -> Backbone:
-    """Construct the backbone named by a ``ModelConfig`` (``backbone: module:Class``)."""
-    cls = cfg.backbone_class
+    """Instantiate the backbone of a ``ModelConfig`` (``backbone._target_``, its other keys, ``name``)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
     try:
-        return cls(path=cfg.path, name=cfg.name, lora_target_modules=list(cfg.lora.target_modules), **cfg.options)
-    except TypeError as e:
-        raise ConfigError(f"model {cfg.name}: bad options ({e})") from None
+        backbone = instantiate(cfg.backbone, name=cfg.name, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        message = str(cause or error).splitlines()[0]
+        raise ConfigError(f"model {cfg.name}: cannot build the backbone ({message})") from None
+    if not isinstance(backbone, Backbone):
+        raise ConfigError(f"model {cfg.name}: {cfg.backbone['_target_']} is not a knots Backbone")
+    return backbone
 
 
-__all__ = ["LOGIT_SCALE", "Backbone", "build_backbone", "encode", "logits"]
+__all__ = ["Backbone", "build_backbone", "to_device"]

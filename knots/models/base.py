@@ -1,9 +1,8 @@
 """The backbone interface: what the pipeline needs from any model, text or vision.
 
-A backbone pairs an *encoder* (the module that LoRA adapters are trained on and merged into)
-with a frozen *class-head builder*, following CLIP's zero-shot protocol: an input is classified
-by the cosine similarity between its encoder features and one embedding per class name, built
-from label descriptions and prompt templates by the frozen pretrained model.
+A backbone is an *encoder* (the module LoRA adapters are trained on and merged into) that maps a
+collated batch to features, plus what it takes to feed it: collation, batching hints and, for
+zero-shot heads, class embeddings from the frozen pretrained model. Heads live in ``knots.heads``.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Logits are ``LOGIT_SCALE * cos(features, class_embedding)``, as in CLIP.
-LOGIT_SCALE = 100.0
+from knots.errors import ConfigError
 
 
 class Backbone(ABC):
@@ -25,32 +23,27 @@ class Backbone(ABC):
     Attributes:
         name: short identifier (used in cache keys and reports).
         encoder: the module that PEFT wraps and that merged updates are added to;
-            ``encoder(batch)`` returns ``(B, feature_dim)`` features (not normalized).
+            ``encoder(batch)`` returns ``(B, feature_dim)`` features (raw: heads decide on normalization).
             Module paths inside it are the keys of adapters and merged updates.
-        lora_target_modules: PEFT ``target_modules`` naming the attention q, k, v and
-            output projections inside ``encoder``.
-        feature_dim: size of the encoder features and the class embeddings.
-        logit_scale: multiplier of the cosine similarities (never applied twice).
+        feature_dim: size of the encoder features.
     """
 
     name: str
     encoder: nn.Module
-    lora_target_modules: list[str]
     feature_dim: int
-    logit_scale: float = LOGIT_SCALE
 
     @abstractmethod
     def collate(self, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Turn raw inputs (``str`` for text, ``PIL.Image`` for vision) into one encoder batch."""
+        """Turn raw inputs (``str``, a ``(premise, hypothesis)`` pair, ``PIL.Image``, ...) into one batch."""
 
-    @abstractmethod
     def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """Return L2-normalized ``(C, feature_dim)`` class embeddings from the FROZEN pretrained model.
+        """L2-normalized ``(C, feature_dim)`` class embeddings from the FROZEN pretrained model.
 
         For each class: format every template with the class name (``template.format(name)``),
-        embed, L2-normalize each, average, L2-normalize. Must not depend on any adapter: the
-        pipeline calls it before an adapter is trained or applied.
+        embed, L2-normalize each, average, L2-normalize. Must not depend on any adapter. Needed for
+        zero-shot heads only; backbones that cannot embed class names raise a ``ConfigError``.
         """
+        raise ConfigError(f"model {self.name} cannot build zero-shot heads; use model.head.kind=trained")
 
     def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``(B, L)`` mask of the real (non-padding) positions of a batch, or None if all are real.
@@ -69,13 +62,6 @@ class Backbone(ABC):
         return next(self.encoder.parameters()).device
 
 
-def encode(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run the encoder on one collated batch and L2-normalize the features."""
-    device = backbone.device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return nn.functional.normalize(backbone.encoder(batch), dim=-1)
-
-
-def logits(features: torch.Tensor, heads: torch.Tensor, scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """``scale * cos``: normalized features ``(B, D)`` against normalized class heads ``(C, D)``."""
-    return scale * features @ heads.T
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch with its tensors on ``device`` (non-blocking from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,172 +1,130 @@
-"""Per-task accuracy and joint-task Hits@k from encoder features, CLIP-style.
+"""Evaluating candidates: the finetuned models, merged models and the ensemble, on one split at a time.
 
-Features of one model state are computed once per split (all tasks' inputs together, batched by
-length) and then scored against each task's own class heads (per-task) and against the heads of the
-joint label space (joint task), so both evaluations cost one forward pass.
+The finetuned models' features are computed once per split (and cached with their adapters): they give
+the normalizers (each task's own finetuned accuracy) and feed the ensemble. A merged model's features
+are computed with its update applied in place to the backbone (:mod:`knots.models.apply`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from knots.data.tasks import JointLabelSpace, TaskData
-from knots.models.base import Backbone, encode
-
-HITS_AT = (1, 3, 5)
-
-
-@contextmanager
-def applied(encoder: nn.Module, delta: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily add ``delta`` (``{"<module>.weight": dW}``) to the encoder's weights."""
-    params = dict(encoder.named_parameters())
-    missing = [k for k in delta if k not in params]
-    if missing:
-        raise KeyError(f"update for unknown parameter {missing[0]!r}")
-    saved = {k: params[k].detach().clone() for k in delta}
-    try:
-        with torch.no_grad():
-            for k, d in delta.items():
-                params[k].add_(d.to(params[k].dtype).to(params[k].device))
-        yield
-    finally:
-        with torch.no_grad():
-            for k, w in saved.items():
-                params[k].copy_(w)
+from knots.heads import HeadSet
+from knots.methods.base import Candidate, FinetunedEnsemble, MergedModel, TaskAdapter
+from knots.metrics import accuracy, summarize
+from knots.models.apply import applied
+from knots.models.base import Backbone
+from knots.pipeline.io import torch_save
+from knots.taskpool import EvalSet, ensemble_scores, score_features
 
 
-class EvalSet:
-    """One split of every task, concatenated, collated once into length-sorted batches."""
-
-    def __init__(self, backbone: Backbone, tasks: Sequence[TaskData], split: str, batch_size: int) -> None:
-        self.split = split
-        self.task_names = [t.name for t in tasks]
-        inputs, labels, self.slices = [], [], {}
-        for t in tasks:
-            examples = t.split(split)
-            start = len(inputs)
-            inputs.extend(x for x, _ in examples)
-            labels.extend(y for _, y in examples)
-            self.slices[t.name] = slice(start, len(inputs))
-        self.labels = torch.tensor(labels, dtype=torch.long)
-        order = sorted(range(len(inputs)), key=lambda i: backbone.sort_key(inputs[i]))
-        self.chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        self.batches = [backbone.collate([inputs[i] for i in chunk]) for chunk in self.chunks]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @torch.no_grad()
-    def features(self, backbone: Backbone, desc: str | None = None) -> torch.Tensor:
-        """L2-normalized ``(N, D)`` features of the encoder in its current state, in input order."""
-        backbone.encoder.eval()
-        out = torch.empty(len(self), backbone.feature_dim)
-        batches = zip(self.chunks, self.batches)
-        if desc:
-            batches = tqdm(batches, total=len(self.batches), desc=desc, leave=False)
-        for chunk, batch in batches:
-            out[chunk] = encode(backbone, batch).float().cpu()
-        return out
+def features(backbone: Backbone, data: EvalSet, heads: HeadSet, delta: Mapping[str, torch.Tensor] | None,
+             desc: str | None = None) -> torch.Tensor:
+    """Head inputs of every example of ``data`` for the backbone with ``delta`` applied (if any)."""
+    if not delta:
+        return data.features(backbone, heads, desc)
+    with applied(backbone.encoder, delta):
+        return data.features(backbone, heads, desc)
 
 
 @dataclass
-class Heads:
-    """Class heads of every task and of the joint label space (all L2-normalized, frozen)."""
+class FinetunedOutputs:
+    """Each finetuned model's head inputs per split (in task order), its own-task accuracies, and the
+    normalizers (per split, per task): the measured accuracies, or ``fixed`` values (e.g. the
+    paper's) used on validation and test alike."""
 
-    per_task: dict[str, torch.Tensor]
-    joint: torch.Tensor
-    space: JointLabelSpace
-    scale: float
+    features: dict[str, list[torch.Tensor]]
+    accuracies: dict[str, dict[str, float]]
+    fixed: dict[str, float] | None = None
 
-    @classmethod
-    def build(cls, backbone: Backbone, tasks: Sequence[TaskData]) -> Heads:
-        per_task = {t.name: backbone.class_embeddings(t.class_names, t.templates).float().cpu() for t in tasks}
-        space = JointLabelSpace.from_tasks(tasks)
-        # a joint label shared by several tasks gets the normalized mean of their class embeddings
-        joint = torch.stack([
-            nn.functional.normalize(torch.stack([per_task[t][c] for t, c in members]).mean(0), dim=0)
-            for members in space.members
-        ])
-        return cls(per_task=per_task, joint=joint, space=space, scale=backbone.logit_scale)
-
-    def joint_labels(self, data: EvalSet) -> torch.Tensor:
-        """The joint-space label of every example of ``data``."""
-        out = torch.empty_like(data.labels)
-        for name, sl in data.slices.items():
-            out[sl] = torch.tensor(self.space.task_to_joint[name])[data.labels[sl]]
-        return out
+    @property
+    def normalizers(self) -> dict[str, dict[str, float]]:
+        if self.fixed is not None:
+            return {split: {t: self.fixed[t] for t in self.accuracies} for split in ("validation", "test")}
+        return {split: {t: acc[f"{key}_accuracy"] for t, acc in self.accuracies.items()}
+                for split, key in (("validation", "val"), ("test", "test"))}
 
 
-def hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = HITS_AT) -> dict[str, float]:
-    """Percent of rows whose label is among the top-k logits, for each k."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    found = top == labels[:, None]
-    return {f"hits@{k}": 100.0 * found[:, :k].any(1).float().mean().item() for k in ks}
+def fixed_normalizers(cfg: Any) -> dict[str, float] | None:
+    """The run's fixed normalizers per task: the paper's (``normalizers: paper``, by the backbone's
+    ``arch``, from :mod:`knots.vision.paper`), or None to use the measured accuracies."""
+    if cfg.normalizers == "measured":
+        return None
+    from knots.vision.paper import paper_normalizers
+
+    return paper_normalizers(cfg.model.backbone.get("arch"), cfg.benchmark.task_names)
 
 
-def score_features(feats: torch.Tensor, data: EvalSet, heads: Heads) -> dict:
-    """Per-task accuracy (percent) and joint Hits@k (pooled and per task) of one model's features."""
-    per_task = {}
-    for name, sl in data.slices.items():
-        pred = (feats[sl] @ heads.per_task[name].T).argmax(1)
-        per_task[name] = 100.0 * (pred == data.labels[sl]).float().mean().item()
-    joint_logits = heads.scale * feats @ heads.joint.T
-    return {"per_task": per_task, "joint": joint_metrics(joint_logits, data, heads)}
+def feature_cache_path(cache_dir: str | Path, adapter: TaskAdapter, task_definitions: Mapping[str, Any],
+                       batch_size: int, head_kind: str) -> Path | None:
+    """Where an adapter's features of this task set's validation and test inputs are kept.
 
-
-def joint_metrics(joint_logits: torch.Tensor, data: EvalSet, heads: Heads) -> dict:
-    labels = heads.joint_labels(data)
-    out: dict = hits(joint_logits, labels)
-    out["per_task"] = {name: hits(joint_logits[sl], labels[sl]) for name, sl in data.slices.items()}
-    return out
-
-
-def ensemble_scores(feats: Sequence[torch.Tensor], data: EvalSet, heads: Heads) -> dict:
-    """The ensemble of finetuned models: per input, the prediction of the most confident model.
-
-    ``feats[i]`` are model i's features of every input of ``data``. Confidence is the largest softmax
-    probability over the label set being evaluated (the task's labels, or the joint label space).
+    Keyed by the adapter's cache key, every task's definition (which fix the inputs and their order),
+    the batch size and the head kind (zero-shot heads read normalized features); given adapters, which
+    have no cache key, are not cached.
     """
-    per_task = {}
-    for name, sl in data.slices.items():
-        logits = torch.stack([heads.scale * f[sl] @ heads.per_task[name].T for f in feats])  # (M, n, C)
-        pred = pick_most_confident(logits).argmax(1)
-        per_task[name] = 100.0 * (pred == data.labels[sl]).float().mean().item()
-    joint = pick_most_confident(torch.stack([heads.scale * f @ heads.joint.T for f in feats]))
-    return {"per_task": per_task, "joint": joint_metrics(joint, data, heads)}
+    key = adapter.info.get("cache_key")
+    if key is None:
+        return None
+    payload = json.dumps([key, dict(task_definitions), batch_size, head_kind], sort_keys=True, default=str)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return Path(cache_dir) / "features" / f"{adapter.task}-{key}-{digest}.pt"
 
 
-def pick_most_confident(logits: torch.Tensor) -> torch.Tensor:
-    """``(M, n, C)`` logits of M models -> ``(n, C)``: per row, the logits of the most confident model."""
-    conf = logits.softmax(-1).amax(-1)  # (M, n)
-    best = conf.argmax(0)  # (n,)
-    return logits[best, torch.arange(logits.shape[1])]
+def evaluate_finetuned(backbone: Backbone, heads: HeadSet, data: Mapping[str, EvalSet], adapters: Sequence[TaskAdapter],
+                       cache_paths: Sequence[Path | None], progress: bool = False,
+                       fixed_normalizers: Mapping[str, float] | None = None) -> FinetunedOutputs:
+    """Every finetuned model on every task's inputs of each split (features cached at ``cache_paths``);
+    ``fixed_normalizers`` (per task) replace the measured accuracies as normalizers."""
+    feats: dict[str, list[torch.Tensor]] = {s: [] for s in data}
+    for adapter, cache in zip(adapters, cache_paths):
+        if cache is not None and cache.is_file():
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            for split in data:
+                feats[split].append(saved[split])
+            continue
+        delta = adapter.adapter.delta_state_dict()
+        computed = {split: features(backbone, d, heads, delta, f"finetuned {adapter.task} {split}" if progress else None)
+                    for split, d in data.items()}
+        for split in data:
+            feats[split].append(computed[split])
+        if cache is not None:
+            torch_save(computed, cache)
+    accuracies = {}
+    for i, adapter in enumerate(adapters):
+        accs = {}
+        for split, key in (("validation", "val"), ("test", "test")):
+            sl = data[split].slices[adapter.task]
+            accs[f"{key}_accuracy"] = accuracy(heads.per_task[adapter.task].logits(feats[split][i][sl]), data[split].labels[sl])
+        accuracies[adapter.task] = accs
+    return FinetunedOutputs(feats, accuracies, None if fixed_normalizers is None else dict(fixed_normalizers))
 
 
-def summarize(scores: dict, normalizers: dict[str, float] | None) -> dict:
-    """Add normalized accuracy and averages: the ``methods.<name>`` block of results.json."""
-    per_task = {}
-    for name, acc in scores["per_task"].items():
-        entry = {"accuracy": acc}
-        if normalizers is not None:
-            entry["normalized_accuracy"] = 100.0 * acc / normalizers[name] if normalizers[name] > 0 else 0.0
-        per_task[name] = entry
-    out = {"per_task": per_task, "avg_accuracy": sum(e["accuracy"] for e in per_task.values()) / len(per_task)}
-    if normalizers is not None:
-        out["avg_normalized_accuracy"] = sum(e["normalized_accuracy"] for e in per_task.values()) / len(per_task)
-    out["joint"] = scores["joint"]
-    return out
+@dataclass
+class Evaluator:
+    """Scores candidates on a split: per-task accuracy with each task's head, normalized accuracy,
+    joint Hits@k (None where the joint task does not apply)."""
 
+    backbone: Backbone
+    heads: HeadSet
+    data: dict[str, EvalSet]
+    finetuned: FinetunedOutputs
+    progress: bool = False
 
-def selection_score(summary: dict, metric: str) -> float:
-    """The validation number a search maximizes."""
-    if metric == "avg_normalized_accuracy":
-        return summary["avg_normalized_accuracy"]
-    if metric == "joint_hits@3":
-        return summary["joint"]["hits@3"]
-    raise ValueError(f"unknown selection metric {metric!r}")
+    def scores(self, split: str, candidate: Candidate, desc: str | None = None) -> dict[str, Any]:
+        data = self.data[split]
+        if isinstance(candidate, FinetunedEnsemble):
+            return ensemble_scores(self.finetuned.features[split], data, self.heads, candidate.rule)
+        assert isinstance(candidate, MergedModel)
+        feats = features(self.backbone, data, self.heads, candidate.delta, desc if self.progress else None)
+        return score_features(feats, data, self.heads)
+
+    def summary(self, split: str, candidate: Candidate, desc: str | None = None) -> dict[str, Any]:
+        return summarize(self.scores(split, candidate, desc), self.finetuned.normalizers[split])

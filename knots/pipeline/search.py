@@ -79,3 +79,31 @@ def grid_search(evaluate: Callable[[Params], float], base: Params, coordinates: 
             best = SearchResult(params, score)
     assert best is not None
     return SearchResult(best.params, best.score, memo.history)
+
+
+def select(
+    evaluate: Callable[[Params], float],
+    start: Params,
+    coordinates: Sequence[tuple[str, Sequence[Any]]],
+    repeated: Sequence[tuple[str, Sequence[Any]]] = (),
+    strategy: str = "linear",
+    patience: int | None = None,
+) -> SearchResult:
+    """Select hyperparameters: search ``coordinates`` with ``strategy`` (``linear``, ``grid`` or
+    ``none``), then try every value of each ``repeated`` hyperparameter at the selected point and keep
+    the best (e.g. DARE's seed: the paper reports the best of three seeds).
+
+    ``start`` holds every hyperparameter; a repeated one starts at its first value.
+    """
+    base = {**start, **{name: list(values)[0] for name, values in repeated}}
+    if strategy == "grid" and coordinates:
+        result = grid_search(evaluate, base, coordinates)
+    elif strategy == "linear":
+        result = linear_search(evaluate, base, coordinates, patience)
+    else:
+        result = linear_search(evaluate, base, [])
+    for name, values in repeated:
+        if len(values) > 1:
+            again = linear_search(evaluate, result.params, [(name, list(values))])
+            result = SearchResult(again.params, again.score, result.history + again.history)
+    return result

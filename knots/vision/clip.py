@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from knots.data.tasks import materialize
 from knots.errors import ConfigError
 from knots.models.base import Backbone
 from knots.vision.attention import PROJECTIONS, separate_attention
-from knots.vision.datasets import LazyImage
 
 #: PEFT ``target_modules``: the four attention projections of every image-encoder block.
 LORA_TARGETS = list(PROJECTIONS)
@@ -65,7 +65,6 @@ class ClipBackbone(Backbone):
             ``quick_gelu``) for a custom model; used instead of ``arch`` when given.
         seed: seeds the random initialisation of custom models.
         text_batch_size: prompts per forward pass when building class heads.
-        lora_target_modules: PEFT target names inside the image encoder.
     """
 
     def __init__(
@@ -77,11 +76,9 @@ class ClipBackbone(Backbone):
         model_config: Mapping[str, Any] | None = None,
         seed: int = 0,
         text_batch_size: int = 256,
-        lora_target_modules: Sequence[str] = tuple(LORA_TARGETS),
     ) -> None:
         self.name = name
         self.text_batch_size = text_batch_size
-        self.lora_target_modules = list(lora_target_modules)
         pretrained = None if path in (None, "", "random") else path
         model, preprocess, tokenizer = load_clip(arch, pretrained, cache_dir, model_config, seed)
         cfg = model.visual.preprocess_cfg
@@ -105,11 +102,11 @@ class ClipBackbone(Backbone):
         return self.transform(image)
 
     def collate(self, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Stack ``uint8 (3, H, W)`` tensors; PIL images and :class:`LazyImage` are preprocessed first."""
+        """Stack ``uint8 (3, H, W)`` tensors; PIL images (lazy ones loaded first) are preprocessed."""
         pixels = []
         for x in inputs:
             if not torch.is_tensor(x):
-                x = self.preprocess(x.load() if isinstance(x, LazyImage) else x)
+                x = self.preprocess(materialize(x))
             if tuple(x.shape[-2:]) != self.image_size:
                 raise ConfigError(f"model {self.name}: got a {tuple(x.shape[-2:])} image tensor, expected {self.image_size}")
             pixels.append(x)

@@ -5,53 +5,38 @@ prompts (``baseball_diamond`` -> ``baseball diamond``); where the standard promp
 names instead (EuroSAT, GTSRB), ``prompt_names`` maps each label, and every mapping is checked
 against the feature so that a reordered or different mirror fails loudly instead of mislabelling.
 
-Splits (``split``):
+The builder returns a ``TaskSource`` holding lazy pools; the pipeline splits them with the task's
+``split`` settings (``knots.data.splits``), like every other task. Which pools:
 
-- ``seeded`` (default): the dataset's validation split where it has one; otherwise a fixed, seeded
-  20% of the test split is the validation set and the remaining 80% the test set.
-- ``reference``: the authors' splits (:mod:`knots.vision.paper`). Cars, GTSRB, MNIST, SUN397 and
-  SVHN carve validation out of the test split with the authors' fixed permutation (first
-  ``int(0.2 n)`` indices; :mod:`knots.vision.reference_split`), DTD, EuroSAT and RESISC45 need the
-  dataset's own validation split. The official validation and test sizes are checked: another size
-  is an error.
+- by default, the dataset's own splits (``train``, ``test`` and ``validation`` where it has one);
+- with ``reference_split``, the authors' splits (:mod:`knots.vision.paper`) as ``train``,
+  ``validation`` and ``test``, which the task's ``split.source_splits`` then maps one to one. Cars,
+  GTSRB, MNIST, SUN397 and SVHN take validation and test from the dataset's test split with the
+  authors' fixed permutation (the first ``int(0.2 n)`` indices are validation, the rest test;
+  :mod:`knots.vision.reference_split`); DTD, EuroSAT and RESISC45 use the dataset's own validation
+  split. The official sizes are checked: another size is a one-line error.
 
-The built task (:class:`ImageTask`) records how its splits were made and their sizes in ``info``.
+``TaskSource.info`` says where the pools came from (the dataset, and under ``reference_split`` the
+rule, the expected sizes, the row order and the index file); it reaches the run log and results.json.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from knots.data.tasks import TaskData
+from knots.data.tasks import LabelledPool, LazyInput, TaskSource
 from knots.errors import ConfigError
-from knots.vision.paper import VALIDATION_FRACTION, reference_split
+from knots.vision import paper
 from knots.vision.reference_split import (authors_order, fetch_index_file, file_names, index_url, load_permutation,
                                           permutation_split)
 from knots.vision.templates import templates_for
 
-#: How validation and test are made (see the module docstring).
-SPLIT_RULES = ("seeded", "reference")
-
-
-@dataclass
-class ImageTask(TaskData):
-    """A :class:`TaskData` that says how its splits were made.
-
-    ``info``: ``split`` (the rule), ``validation`` (where validation came from), ``sizes`` (images per
-    split as built), ``full_sizes`` (before the ``max_*`` caps), and under the reference rule
-    ``expected`` (the official validation / test sizes), ``test_order`` and ``index_file``.
-    """
-
-    info: dict[str, Any] = field(default_factory=dict)
-
 
 @dataclass(frozen=True)
-class LazyImage:
+class LazyImage(LazyInput):
     """One image of a ``datasets.Dataset``, decoded only when the backbone preprocesses it."""
 
     data: Any
@@ -62,39 +47,17 @@ class LazyImage:
         return self.data[self.index][self.key]
 
 
-class ImageSplit(Sequence):
-    """``(LazyImage, label)`` pairs for selected rows of a ``datasets.Dataset`` (labels read once)."""
+class LazyImages(Sequence):
+    """Every image of a ``datasets.Dataset`` column as a :class:`LazyImage` (nothing decoded)."""
 
-    def __init__(self, data: Any, rows: Sequence[int], image_key: str, labels: Sequence[int]) -> None:
-        self.data, self.rows, self.image_key = data, np.asarray(rows, dtype=np.int64), image_key
-        self.labels = np.asarray(labels, dtype=np.int64)[self.rows]
+    def __init__(self, data: Any, image_key: str) -> None:
+        self.data, self.image_key = data, image_key
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[LazyImage, int]:  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
-        return LazyImage(self.data, int(self.rows[i]), self.image_key), int(self.labels[i])
-
-
-def carve_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, disjoint ``(carved, rest)`` row indices: ``round(fraction * n)`` rows are carved out.
-
-    Both parts are sorted, so the result depends only on ``(n, fraction, seed)``.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    k = int(round(fraction * n))
-    return np.sort(perm[:k]), np.sort(perm[k:])
-
-
-def subsample(rows: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
-    """At most ``cap`` rows, chosen with a seeded permutation (kept in dataset order)."""
-    if cap is None or cap >= len(rows):
-        return rows
-    return np.sort(np.random.default_rng(seed).permutation(rows)[:cap])
+    def __getitem__(self, i: int) -> LazyImage:  # type: ignore[override]
+        return LazyImage(self.data, int(i), self.image_key)
 
 
 def _norm(text: str) -> str:
@@ -145,104 +108,88 @@ def label_feature_names(data: Any, label_key: str, task: str) -> list[str]:
     return list(names)
 
 
-def _reference_rows(name: str, paper_task: str, splits: Mapping[str, Any], names: Mapping[str, str],
-                    test: Any, test_labels: list[int], image_key: str, test_order: str | None,
-                    cache_dir: str | None) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
-    """The authors' ``(validation rows of the test split or None, test rows, info)`` of one task.
+def _pool(data: Any, image_key: str, label_key: str) -> LabelledPool:
+    return LabelledPool(LazyImages(data.select_columns([image_key]), image_key), list(data[label_key]))
 
-    ``None`` validation rows: the dataset's own validation split is the validation set.
+
+def reference_pools(name: str, splits: Mapping[str, Any], *, image_key: str = "image", label_key: str = "label",
+                    paper_task: str | None = None, split_names: Mapping[str, str] | None = None,
+                    test_order: str | None = None, cache_dir: str | None = None) -> tuple[dict[str, LabelledPool], dict[str, Any]]:
+    """The authors' ``train`` / ``validation`` / ``test`` pools of one task, and how they were made.
+
+    ``paper_task``: the paper's task name (default ``name``); ``split_names``: the dataset's names of
+    the roles where they differ; ``test_order``: overrides the row order the permutation indexes
+    (``paper.TEST_ORDERS``); the index files are cached under ``cache_dir``. Sizes are checked
+    against the official ones.
     """
-    spec = reference_split(paper_task)
-    info: dict[str, Any] = {"expected": {"validation": spec.validation, "test": spec.test}}
-    n = len(test_labels)
+    spec = paper.reference_split(paper_task or name)
+    names = {"train": "train", "validation": "validation", "test": "test", **(split_names or {})}
+    for role in ("train", "test"):
+        if names[role] not in splits:
+            raise ConfigError(f"task {name}: the dataset has no {names[role]!r} split (splits: {', '.join(splits)})")
+    train = _pool(splits[names["train"]], image_key, label_key)
+    info: dict[str, Any] = {"split": "reference", "expected": {"validation": spec.validation, "test": spec.test}}
     if spec.index_file is None:
         if names["validation"] not in splits:
             raise ConfigError(f"task {name}: the reference split uses the official validation split, and this dataset "
                               f"has none (splits: {', '.join(splits)}); load one that has it, e.g. {spec.mirror}")
-        info["validation"] = f"the dataset's {names['validation']!r} split"
-        return None, np.arange(n), info
-    if n != spec.permutation_length:
-        raise ConfigError(f"task {name}: the authors' permutation covers {spec.permutation_length} test images, this "
-                          f"dataset's {names['test']!r} split has {n} (another mirror or revision?)")
-    order = test_order or spec.test_order
-    rows = authors_order(order, n, test_labels, file_names(test, image_key) if order != "dataset" else None, name)
-    perm = load_permutation(fetch_index_file(spec.index_file, spec.sha256, cache_dir), spec.permutation_length)
-    val_pos, test_pos = permutation_split(perm, VALIDATION_FRACTION)
-    info.update(validation=f"the first {len(val_pos)} of the authors' permutation of the test split",
-                test_order=order, index_file={"url": index_url(spec.index_file), "sha256": spec.sha256})
-    return rows[val_pos], rows[test_pos], info
+        validation = _pool(splits[names["validation"]], image_key, label_key)
+        test = _pool(splits[names["test"]], image_key, label_key)
+        info.update(validation=f"the dataset's {names['validation']!r} split", test=f"the dataset's {names['test']!r} split")
+    else:
+        data = splits[names["test"]]
+        n = len(data)
+        if n != spec.permutation_length:
+            raise ConfigError(f"task {name}: the authors' permutation covers {spec.permutation_length} test images, this "
+                              f"dataset's {names['test']!r} split has {n} (another mirror or revision?)")
+        full = _pool(data, image_key, label_key)
+        order = test_order or spec.test_order
+        rows = authors_order(order, n, full.labels, file_names(data, image_key) if order != "dataset" else None, name)
+        perm = load_permutation(fetch_index_file(spec.index_file, spec.sha256, cache_dir), spec.permutation_length)
+        val_positions, test_positions = permutation_split(perm, paper.VALIDATION_FRACTION)
+        validation, test = full.subset(rows[val_positions].tolist()), full.subset(rows[test_positions].tolist())
+        info.update(validation=f"the first {len(validation)} of the authors' permutation of the {names['test']!r} split",
+                    test=f"the other {len(test)} of that permutation", test_order=order,
+                    index_file={"url": index_url(spec.index_file), "sha256": spec.sha256})
+    found = {"validation": len(validation), "test": len(test)}
+    if found != info["expected"]:
+        raise ConfigError(f"task {name}: the reference protocol expects {spec.validation} validation and {spec.test} test "
+                          f"images, the data gives {found['validation']} validation, {found['test']} test "
+                          f"(another mirror or revision?)")
+    return {"train": train, "validation": validation, "test": test}, info
 
 
 def task_from_splits(name: str, splits: Mapping[str, Any], *, template_set: str | None = None,
                      image_key: str = "image", label_key: str = "label", num_classes: int | None = None,
                      prompt_names: Sequence[Sequence[str]] | None = None, label_namespace: str | None = None,
-                     split_names: Mapping[str, str] | None = None, split: str = "seeded",
-                     validation_fraction: float = 0.2, seed: int = 0, paper_task: str | None = None,
-                     test_order: str | None = None, cache_dir: str | None = None, max_train: int | None = None,
-                     max_validation: int | None = None, max_test: int | None = None) -> ImageTask:
-    """Build a task from loaded ``datasets`` splits (a ``DatasetDict`` or a plain mapping).
-
-    ``split``: ``seeded`` or ``reference`` (module docstring). ``validation_fraction`` and ``seed``
-    make the seeded split (``seed + 1`` also draws the ``max_*`` subsamples). Under ``reference``,
-    ``paper_task`` names the paper's task (default: ``name``), ``test_order`` overrides the order
-    the authors' permutation is applied in (``paper.TEST_ORDERS``), and the index files are cached
-    under ``cache_dir``. The size checks apply before the ``max_*`` caps.
-    """
-    if split not in SPLIT_RULES:
-        raise ConfigError(f"task {name}: split must be one of {', '.join(SPLIT_RULES)}, got {split!r}")
-    names = {"train": "train", "validation": "validation", "test": "test", **(split_names or {})}
-    for role in ("train", "test"):
-        if names[role] not in splits:
-            raise ConfigError(f"task {name}: the dataset has no {names[role]!r} split (has: {', '.join(splits)})")
-    feature_names = label_feature_names(splits[names["test"]], label_key, name)
-    for role in ("train", "validation"):
-        if names[role] in splits and label_feature_names(splits[names[role]], label_key, name) != feature_names:
-            raise ConfigError(f"task {name}: the {names[role]!r} and {names['test']!r} splits have different label features")
-    class_names = class_names_from_feature(name, feature_names, num_classes, prompt_names)
-
-    def columns(role: str) -> tuple[Any, list[int]]:
-        data = splits[names[role]]
+                     reference_split: bool = False, paper_task: str | None = None,
+                     split_names: Mapping[str, str] | None = None, test_order: str | None = None,
+                     cache_dir: str | None = None) -> TaskSource:
+    """A task source from loaded ``datasets`` splits (a ``DatasetDict`` or a plain mapping): every split
+    as a lazy pool, or with ``reference_split`` the authors' three (:func:`reference_pools`, which the
+    remaining options configure); class names checked against the label features (equal in every split)."""
+    if not splits:
+        raise ConfigError(f"task {name}: the dataset has no splits")
+    first = next(iter(splits))
+    feature_names = label_feature_names(splits[first], label_key, name)
+    for split, data in splits.items():
+        if label_feature_names(data, label_key, name) != feature_names:
+            raise ConfigError(f"task {name}: the {split!r} and {first!r} splits have different label features")
         if image_key not in data.column_names:
-            raise ConfigError(f"task {name}: column {image_key!r} not in split {names[role]!r} (columns: {', '.join(data.column_names)})")
-        return data.select_columns([image_key]), list(data[label_key])
-
-    train, train_labels = columns("train")
-    test, test_labels = columns("test")
-    info: dict[str, Any] = {"split": split}
-    if split == "reference":
-        val_rows, test_rows, extra = _reference_rows(name, paper_task or name, splits, names, test, test_labels,
-                                                     image_key, test_order, cache_dir)
-        info.update(extra)
-    elif names["validation"] in splits:
-        val_rows, test_rows = None, np.arange(len(test_labels))
-        info["validation"] = f"the dataset's {names['validation']!r} split"
+            raise ConfigError(f"task {name}: column {image_key!r} not in split {split!r} (columns: {', '.join(data.column_names)})")
+    class_names = class_names_from_feature(name, feature_names, num_classes, prompt_names)
+    if reference_split:
+        pools, info = reference_pools(name, splits, image_key=image_key, label_key=label_key, paper_task=paper_task,
+                                      split_names=split_names, test_order=test_order, cache_dir=cache_dir)
     else:
-        val_rows, test_rows = carve_split(len(test_labels), validation_fraction, seed)
-        info["validation"] = f"a seeded {validation_fraction:g} of the test split (seed {seed})"
-    if val_rows is None:
-        val, val_labels = columns("validation")
-        val_rows = np.arange(len(val_labels))
-    else:
-        val, val_labels = test, test_labels
-    rows = {"train": np.arange(len(train_labels)), "validation": val_rows, "test": test_rows}
-    info["full_sizes"] = {role: len(r) for role, r in rows.items()}
-    expected = info.get("expected")
-    if expected and any(info["full_sizes"][role] != size for role, size in expected.items()):
-        found = ", ".join(f"{info['full_sizes'][role]} {role}" for role in expected)
-        raise ConfigError(f"task {name}: the reference protocol expects {expected['validation']} validation and "
-                          f"{expected['test']} test images, the data gives {found} (another mirror or revision?)")
-    caps = {"train": max_train, "validation": max_validation, "test": max_test}
-    sources = {"train": (train, train_labels), "validation": (val, val_labels), "test": (test, test_labels)}
-    parts = {role: ImageSplit(sources[role][0], subsample(rows[role], caps[role], seed + 1), image_key, sources[role][1])
-             for role in rows}
-    info["sizes"] = {role: len(part) for role, part in parts.items()}
+        pools, info = {split: _pool(data, image_key, label_key) for split, data in splits.items()}, {"split": "dataset"}
     namespace = label_namespace or name
-    return ImageTask(name=name, class_names=class_names, templates=templates_for(template_set or name),
-                     label_keys=[f"{namespace}/{c}" for c in class_names], info=info, **parts)
+    return TaskSource(name=name, class_names=class_names, templates=templates_for(template_set or name), splits=pools,
+                      label_keys=[f"{namespace}/{c}" for c in class_names], info=info)
 
 
 def hf_image_task(name: str, hf_path: str, hf_name: str | None = None, cache_dir: str | None = None,
-                  revision: str | None = None, **options: Any) -> ImageTask:
+                  revision: str | None = None, **options: Any) -> TaskSource:
     """Load ``hf_path`` (``load_dataset``, cached in ``cache_dir``) and build the task; see
     :func:`task_from_splits` for ``options`` (the reference split's index files share ``cache_dir``)."""
     import datasets
@@ -251,6 +198,6 @@ def hf_image_task(name: str, hf_path: str, hf_name: str | None = None, cache_dir
         data = datasets.load_dataset(hf_path, hf_name, cache_dir=cache_dir, revision=revision)
     except Exception as error:  # network, missing config and cache errors come in many types
         raise ConfigError(f"task {name}: cannot load dataset {hf_path!r} ({str(error).splitlines()[0]})") from None
-    task = task_from_splits(name, data, cache_dir=cache_dir, **options)
-    task.info["source"] = {"hf_path": hf_path, "hf_name": hf_name, "revision": revision}
-    return task
+    source = task_from_splits(name, data, cache_dir=cache_dir, **options)
+    source.info["dataset"] = {"hf_path": hf_path, "hf_name": hf_name, "revision": revision}
+    return source

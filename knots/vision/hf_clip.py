@@ -18,7 +18,6 @@ the module path is renamed.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def open_clip_module(hf_module: str) -> str | None:
     return OPEN_CLIP_ATTN.format(layer=match[1], proj=match[2])
 
 
-def convert_released_adapter(src: str | Path, dst: str | Path, width: int | None = None) -> Path:
+def convert_released_adapter(src: str | Path, dst: str | Path, width: int | None = None, overwrite: bool = False) -> Path:
     """Rewrite a PEFT adapter trained on transformers' CLIP as one for the open_clip image encoder.
 
     Both key layouts are read (``vision_model.encoder...`` and bare ``encoder...``, see the module
@@ -51,14 +50,20 @@ def convert_released_adapter(src: str | Path, dst: str | Path, width: int | None
     their update is exactly zero (trained with a frozen, precomputed text head, their ``B`` never
     moves). Any other module is an error. ``width``: the vision tower's width (768 for ViT-B/32,
     1024 for ViT-L/14); when given, every projection must be ``width x width``, which tells a
-    vision adapter from a text-tower one in the bare layout. The result is a PEFT directory
-    (``adapter_config.json`` + ``adapter_model.safetensors``) with the same ``r``, ``lora_alpha``
-    and factors, readable by ``knots.lora.load_adapter`` and ``PeftModel.from_pretrained``.
+    vision adapter from a text-tower one in the bare layout.
+
+    The result is written by the project's adapter exporter (:func:`knots.merging.export.write_adapter`:
+    ``adapter_config.json`` + ``adapter_model.safetensors``, readable by ``knots.lora.load_adapter`` and
+    ``PeftModel.from_pretrained``) into an atomic directory (:func:`knots.atomic.atomic_directory`, with
+    checksums), plus ``converted_from.json``. The updates are unchanged: each module's LoRA scale is
+    folded into ``B`` (the released adapters have ``lora_alpha == r``, so their factors are copied as
+    they are). ``overwrite`` replaces an earlier conversion at ``dst``.
     """
-    from safetensors.torch import save_file
+    from knots.atomic import atomic_directory, write_json
+    from knots.merging.export import write_adapter
 
     adapter = load_adapter(src)
-    weights: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for hf_name, module in adapter.modules.items():
         target = open_clip_module(hf_name)
         if target is None:
@@ -70,25 +75,17 @@ def convert_released_adapter(src: str | Path, dst: str | Path, width: int | None
         if width is not None and module.shape != (width, width):
             raise AdapterError(f"{src}: module {hf_name!r} is {module.shape[0]}x{module.shape[1]}, but the vision "
                                f"tower's projections are {width}x{width} (an adapter for another model or tower?)")
-        if f"base_model.model.{target}.lora_A.weight" in weights:
+        if target in factors:
             raise AdapterError(f"{src}: {target!r} appears twice (both the vision_model. and the bare key layout)")
-        weights[f"base_model.model.{target}.lora_A.weight"] = module.A.contiguous()
-        weights[f"base_model.model.{target}.lora_B.weight"] = module.B.contiguous()
-    if not weights:
+        factors[target] = (module.scaled_B(), module.A)
+    if not factors:
         raise AdapterError(f"{src}: no vision attention LoRA modules found")
-    config = {k: v for k, v in adapter.config.items() if k not in ("target_modules", "base_model_name_or_path",
-                                                                   "modules_to_save", "layers_to_transform")}
-    config.update(peft_type="LORA", target_modules=sorted({name.rsplit(".", 1)[-1] for name in adapter.modules
-                                                           if open_clip_module(name)}),
-                  base_model_name_or_path=None, task_type=None)
-    out = Path(dst)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "adapter_model.safetensors.tmp"
-    save_file(weights, str(tmp))
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
-    (out / "converted_from.json").write_text(json.dumps({"path": str(src), "base_model": adapter.base_model}))
-    tmp.replace(out / "adapter_model.safetensors")
-    return out
+    template = {k: v for k, v in adapter.config.items() if k not in ("base_model_name_or_path", "layers_to_transform")}
+    template.update(base_model_name_or_path=None, task_type=None)
+    with atomic_directory(dst, overwrite=overwrite, protect=[src], checksums=True) as staging:
+        write_adapter(((name, B, A) for name, (B, A) in sorted(factors.items())), template, staging)
+        write_json(staging / "converted_from.json", {"path": str(src), "base_model": adapter.base_model})
+    return Path(dst)
 
 
 def open_clip_visual_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -92,12 +92,15 @@ def reference_split(task: str) -> ReferenceSplit:
     return REFERENCE_SPLITS[task]
 
 
-def paper_normalizers(arch: str, tasks: Sequence[str]) -> dict[str, float]:
-    """The authors' finetuned accuracies (%) of ``tasks`` for ``arch`` (``ViT-B-32`` or ``ViT-L-14``)."""
+def paper_normalizers(arch: str | None, tasks: Sequence[str]) -> dict[str, float]:
+    """The authors' finetuned accuracies (%) of ``tasks`` for ``arch`` (``ViT-B-32`` or ``ViT-L-14``,
+    the backbone's ``arch``); a one-line error for another model or a task outside the paper's eight."""
     if arch not in FINETUNED_ACCURACY:
-        raise ConfigError(f"no paper normalizers for architecture {arch!r}; known: {', '.join(FINETUNED_ACCURACY)}")
+        raise ConfigError(f"normalizers: paper: the paper has finetuned accuracies for the CLIP architectures "
+                          f"{', '.join(FINETUNED_ACCURACY)} only (model.backbone.arch is {arch!r}); use normalizers=measured")
     table = FINETUNED_ACCURACY[arch]
     missing = [t for t in tasks if t not in table]
     if missing:
-        raise ConfigError(f"no paper normalizer for task(s) {', '.join(missing)} ({arch}); known: {', '.join(table)}")
+        raise ConfigError(f"normalizers: paper: no paper normalizer for task(s) {', '.join(missing)} ({arch}; the paper's "
+                          f"tasks are {', '.join(table)}); use normalizers=measured")
     return {t: table[t] for t in tasks}

@@ -47,16 +47,15 @@ def test_merge_writes_every_output(adapters, tmp_path):
         assert (out / name).is_dir()
 
 
-def test_refuses_non_empty_out_unless_overwrite(adapters, tmp_path):
+def test_replaces_an_earlier_result_only_with_overwrite(adapters, tmp_path):
     out = tmp_path / "taken"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     dirs = f"adapters=[{adapters / 'task0'},{adapters / 'task1'}]"
-    refused = knots_merge(dirs, f"out={out}")
-    assert refused.returncode != 0 and "not empty" in refused.stderr and (out / "keep.txt").exists()
+    assert knots_merge(dirs, f"out={out}").returncode == 0
+    refused = knots_merge(dirs, f"out={out}", "method=ta")
+    assert refused.returncode == 2 and "pass overwrite=true" in refused.stderr and json.loads((out / "merge.json").read_text())["method"]["name"] == "knots_ties"
     replaced = knots_merge(dirs, f"out={out}", "overwrite=true", "method=ta", "save_delta=false")
     assert replaced.returncode == 0, replaced.stderr
-    assert not (out / "keep.txt").exists() and (out / "adapter").is_dir() and not (out / "delta_weights.safetensors").exists()
+    assert (out / "adapter").is_dir() and not (out / "delta_weights.safetensors").exists()
 
 
 def break_adapter(directory, how):

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from knots.errors import AdapterError
 from knots.lora import load_adapter
 from knots.merging import MergeSession
-from knots.merging.export import atomic_directory, write_merge_outputs
+from knots.atomic import atomic_directory
+from knots.merging.export import write_merge_outputs
 
 from .helpers import TinyModel, write_peft_adapter
 

@@ -2,21 +2,38 @@
 
 import pytest
 
+from hydra.utils import get_object
+
+import knots.methods
+from knots.config.resources import config_dir
 from knots.errors import ConfigError
 from knots.merging import Hyperparameters, get_method, load_method_config, method_names
-from knots.merging.registry import config_dir
+from knots.methods.config import METADATA_KEYS, method_config
 
 
 def test_every_method_has_a_config_file_and_every_file_a_method():
     files = {path.stem for path in (config_dir() / "method").glob("*.yaml")}
-    assert files == set(method_names())
+    assert files == set(knots.methods.method_names())
+    assert set(method_names()) < files  # the engine's methods and the data-dependent ones
+
+
+@pytest.mark.parametrize("name", knots.methods.method_names())
+def test_method_files_declare_a_valid_search(name):
+    method = knots.methods.get_method(name)
+    config = method_config(name)
+    assert set(config.search) | set(config.repeat) <= set(method.uses)
+    assert set(config.defaults) == set(method.uses)
+    target = get_object(load_method_config(name)["_target_"]) if name in method_names() else None
+    if target is not None:
+        assert target is get_method(name).function
+    assert method.reference and method.summary
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_method_configs_are_valid_defaults(name):
     config = load_method_config(name)
     assert config.pop("name") == name
-    Hyperparameters(**config)
+    Hyperparameters(**{k: v for k, v in config.items() if k not in METADATA_KEYS})
     method = get_method(name)
     assert method.reference and method.summary
     assert set(method.uses) <= set(Hyperparameters.__dataclass_fields__)

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.pipeline.helpers import CONF_DIR, make_tiny_bert, make_tiny_tasks, write_tiny_conf
-
-
-@pytest.fixture(scope="session")
-def tiny_env(tmp_path_factory) -> Path:
-    """A config directory with ``benchmark=tiny`` and ``model=tiny_bert`` over generated files."""
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_bert(root / "bert")
-    data = make_tiny_tasks(root / "data")
-    return write_tiny_conf(root / "conf", data, model)
+from tests.pipeline.helpers import CONF_DIR
 
 
 @pytest.fixture
@@ -27,11 +16,11 @@ def compose_run(tiny_env, tmp_path):
 
     register_configs()
 
-    def compose_fn(*overrides: str, tiny: bool = True):
+    def compose_fn(*overrides: str, tiny: bool = True, search_dirs: tuple = ()):
         from tests.pipeline.helpers import TINY_OVERRIDES
 
-        base = [f"hydra.searchpath=[file://{tiny_env}]", f"paths.log_dir={tmp_path}/logs",
-                f"paths.output_dir={tmp_path}/out"]
+        dirs = ",".join(f"file://{d}" for d in (tiny_env, *search_dirs))
+        base = [f"hydra.searchpath=[{dirs}]", f"paths.log_dir={tmp_path}/logs", f"paths.output_dir={tmp_path}/out"]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("run", overrides=base + (TINY_OVERRIDES if tiny else []) + list(overrides))
 

@@ -6,7 +6,9 @@ import json
 import random
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from knots.config.resources import config_dir
+
+CONF_DIR = config_dir()
 
 POSITIVE = ["good", "great", "nice", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "ugly"]
@@ -95,9 +97,7 @@ tasks:
 """)
     (conf / "model" / "tiny_bert.yaml").write_text(f"""
 name: tiny-bert
-backbone: knots.models.text:TextBackbone
-path: {model_dir}
-options: {{max_length: 16, batch_size: 16}}
+backbone: {{_target_: knots.models.text.TextBackbone, path: {model_dir}, max_length: 16, batch_size: 16}}
 lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: [query, key, value, attention.output.dense]}}
 """)
     return conf
@@ -113,11 +113,11 @@ TINY_OVERRIDES = [
     "finetune.checkpoint_every=2",
     "finetune.log_every=1",
     "finetune.lr=1e-2",
-    "search.scaling=[0.5,1.0]",
-    "search.top_k=[20,100]",
-    "search.p=[0.5,0.1]",
-    "search.regmean_alpha=[0.5,0.9]",
-    "search.dare_seeds=[0,1]",
-    "regmean.num_examples=16",
+    "search.ranges.scaling=[0.5,1.0]",
+    "search.ranges.top_k=[20,100]",
+    "search.ranges.p=[0.5,0.1]",
+    "search.ranges.alpha=[0.5,0.9]",
+    "search.ranges.seed=[0,1]",
+    "+method_params.regmean.num_examples=16",
     "progress=false",
 ]

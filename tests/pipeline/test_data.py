@@ -7,9 +7,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from knots.data.build import build_task, label_of, split_examples, stratified_split, subsample
-from knots.data.tasks import JointLabelSpace, TaskData
+from knots.data.build import build_task, label_of, split_examples
+from knots.data.splits import capped, stratified_parts
+from knots.data.tasks import JointLabelSpace, LabelledPool, TaskData, TaskSource
 from knots.errors import ConfigError
+
+
+def stratified_split(examples, fractions, seed):
+    parts = stratified_parts([y for _, y in examples], fractions, seed)
+    return [[examples[i] for i in part] for part in parts]
+
+
+def subsample(examples, cap, seed, balance):
+    return [examples[i] for i in capped([y for _, y in examples], range(len(examples)), cap, seed, balance)]
 
 
 def cls(name, values=(), lo=None, hi=None, key=None):
@@ -99,3 +109,43 @@ def test_joint_label_space_shares_equal_keys_only():
     assert space.task_to_joint["mnist"] == space.task_to_joint["svhn"] == [0, 1, 2]
     assert space.task_to_joint["eurosat"] == [3, 4] and space.task_to_joint["resisc"] == [5]
     assert space.members[0] == [("mnist", 0), ("svhn", 0)]
+
+
+def source_builder(name: str, n: int = 100) -> TaskSource:
+    """A whole-task builder (``source: task``) with train and test splits of its own."""
+    pools = {split: LabelledPool([f"{split}{i}" for i in range(n)], [i % 2 for i in range(n)]) for split in ("train", "test")}
+    return TaskSource(name=name, class_names=["even", "odd"], templates=["{}"], splits=pools)
+
+
+def test_split_settings_apply_to_builder_tasks():
+    cfg = SimpleNamespace(source="task", loader={"_target_": "tests.pipeline.test_data.source_builder", "n": 100},
+                          split=split_cfg(source_splits={"train": "train", "test": "test"}, max_train=40, balance=True))
+    task = build_task("b", cfg)
+    assert len(task.train) == 40 and Counter(y for _, y in task.train) == {0: 20, 1: 20}
+    assert len(task.validation) == 20 and len(task.test) == 80
+    assert all(x.startswith("test") for x, _ in task.validation) and not {x for x, _ in task.validation} & {x for x, _ in task.test}
+    again = build_task("b", cfg)
+    assert list(task.validation) == list(again.validation)
+
+
+def misnamed_builder(name: str) -> TaskSource:
+    return source_builder("b")
+
+
+def test_builder_errors_are_one_line():
+    cfg = SimpleNamespace(source="task", loader={"_target_": "tests.pipeline.test_data.misnamed_builder"}, split=split_cfg())
+    with pytest.raises(ConfigError, match="built a task named 'b'"):
+        build_task("other", cfg)
+    with pytest.raises(ConfigError, match="the loader 'nowhere.nothing' failed"):
+        build_task("b", SimpleNamespace(**{**vars(cfg), "loader": {"_target_": "nowhere.nothing"}}))
+
+
+def test_pool_views_keep_labels_without_reading_inputs():
+    class Unreadable(list):
+        def __getitem__(self, i):
+            raise AssertionError("an input was read")
+
+    pool = LabelledPool(Unreadable(range(10)), [i % 3 for i in range(10)])
+    parts = stratified_parts(pool.labels, [0.5, 0.5], seed=0)
+    views = [pool.subset(p) for p in parts]
+    assert sorted(views[0].labels + views[1].labels) == sorted(pool.labels)

@@ -30,7 +30,7 @@ def check_shape(results: dict) -> None:
         assert joint["hits@1"] <= joint["hits@3"] <= joint["hits@5"] <= 100
         assert set(joint["per_task"]) == set(TASKS)
         assert all(set(v) == {"hits@1", "hits@3", "hits@5"} for v in joint["per_task"].values())
-    assert results["methods"]["ensemble"]["hyperparameters"] == {}
+    assert results["methods"]["ensemble"]["hyperparameters"] == {"rule": "most_confident"}
     assert "alpha" in results["methods"]["regmean"]["hyperparameters"]
     assert "seed" in results["methods"]["dare_ties"]["hyperparameters"]
 

@@ -8,16 +8,20 @@ import pytest
 import torch
 
 from knots.data.tasks import TaskData
+from knots.heads import ZERO_SHOT_SCALE, Head
 from knots.lora import load_adapter
 from knots.models.text import TextBackbone
-from knots.pipeline.finetune import batch_indices, finetune, is_complete
+from knots.pipeline.cache import is_complete
+from knots.pipeline.finetune import finetune
+from knots.pipeline.training import batch_indices
 from tests.pipeline.helpers import NEGATIVE, POSITIVE
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 LORA = SimpleNamespace(r=4, alpha=8, dropout=0.1, target_modules=TARGETS, use_rslora=False)
 CFG = SimpleNamespace(steps=6, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, seed=0,
                       checkpoint_every=2, log_every=1, eval_every=None, patience=None, precision="auto",
-                      num_workers=0, eval_batch_size=8)
+                      num_workers=0, eval_batch_size=8, schedule_steps=None, min_improvement=0.0,
+                      train_logit_scale=ZERO_SHOT_SCALE)
 
 
 class Interrupt(Exception):
@@ -26,11 +30,11 @@ class Interrupt(Exception):
 
 @pytest.fixture(scope="module")
 def setup(tiny_env):
-    backbone = TextBackbone(str(tiny_env.parent / "bert"), "tiny", TARGETS, max_length=12)
+    backbone = TextBackbone(str(tiny_env.parent / "bert"), "tiny", max_length=12)
     train = [(f"it was {w} .", 1) for w in POSITIVE] + [(f"it was {w} .", 0) for w in NEGATIVE]
     task = TaskData("mood", ["negative", "positive"], ["a {} text."], train=train, validation=train, test=train)
-    heads = backbone.class_embeddings(task.class_names, task.templates)
-    return backbone, task, heads
+    head = Head(backbone.class_embeddings(task.class_names, task.templates), scale=ZERO_SHOT_SCALE)
+    return backbone, task, head
 
 
 def _factors(path):

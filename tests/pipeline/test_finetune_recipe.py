@@ -13,12 +13,13 @@ from torch import nn
 from knots.config.schema import FinetuneConfig, LoraSettings
 from knots.data.tasks import TaskData
 from knots.errors import ConfigError
+from knots.heads import ZERO_SHOT_SCALE, Head
 from knots.lora import load_adapter
+from knots.models.apply import applied
 from knots.models.base import Backbone
-from knots.pipeline.evaluate import applied
-from knots.pipeline.finetune import (StepBatches, accuracy, batch_indices, cache_key, collated_batches, finetune,
-                                     plain_for_key, resolve_precision)
-from knots.pipeline.run import adapter_delta
+from knots.pipeline.cache import cache_key, plain_for_key
+from knots.pipeline.finetune import finetune, head_of
+from knots.pipeline.training import StepBatches, accuracy, batch_indices, collated_batches, resolve_precision
 
 DIM, CLASSES = 8, 4
 LORA = LoraSettings(r=4, alpha=4, dropout=0.0, target_modules=["proj"])
@@ -38,7 +39,6 @@ class VectorBackbone(Backbone):
 
     name = "vector"
     feature_dim = DIM
-    lora_target_modules = ["proj"]
 
     def __init__(self) -> None:
         torch.manual_seed(0)
@@ -65,19 +65,20 @@ def setup():
         train = [(x, (int(y) + 1) % CLASSES) for x, y in zip(train_x, predict(train_x))]
         validation = [(x, int(y)) for x, y in zip(val_x, predict(val_x))]
     task = TaskData("shifted", [f"c{i}" for i in range(CLASSES)], ["{}"], train=train, validation=validation, test=validation)
-    return backbone, task, backbone.heads
+    return backbone, task, Head(backbone.heads, scale=ZERO_SHOT_SCALE)
 
 
 def config(**overrides: Any) -> FinetuneConfig:
-    base = dict(steps=24, batch_size=8, lr=5e-2, weight_decay=0.0, warmup_steps=0, seed=0, checkpoint_every=4,
-                log_every=100, eval_batch_size=16)
+    base = dict(steps=24, batch_size=8, lr=5e-2, weight_decay=0.0, warmup_steps=0, grad_clip=1.0, seed=0,
+                checkpoint_every=4, log_every=100, eval_batch_size=16)
     return FinetuneConfig(**{**base, **overrides})
 
 
 def saved_accuracy(backbone: Backbone, task: TaskData, path) -> float:
     """Validation accuracy of the adapter saved in ``path``, applied to the backbone's encoder."""
-    with applied(backbone.encoder, adapter_delta(load_adapter(path))):
-        return accuracy(backbone.encoder, backbone, task.validation, backbone.heads, 16)
+    head = Head(backbone.heads, scale=ZERO_SHOT_SCALE)
+    with applied(backbone.encoder, load_adapter(path).delta_state_dict()):
+        return accuracy(backbone.encoder, backbone, task.validation, head_of(backbone.encoder, head), 16)
 
 
 def factors(path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -172,12 +173,12 @@ def test_precision_is_fp32_on_cpu_and_mixed_only_on_cuda(setup, tmp_path, monkey
 
 def test_new_options_leave_existing_cache_keys_alone(setup):
     _, task, _ = setup
-    plain = plain_for_key(FinetuneConfig())
+    plain = plain_for_key(config())
     assert not {"eval_every", "patience", "precision", "num_workers"} & set(plain)
-    key = cache_key(None, None, FinetuneConfig(), task)
-    assert cache_key(None, None, FinetuneConfig(num_workers=4, precision="fp32"), task) == key
-    assert cache_key(None, None, FinetuneConfig(eval_every=10), task) != key
-    assert cache_key(None, None, FinetuneConfig(), task, precision="bf16") != key
+    key = cache_key(None, None, config(), task)
+    assert cache_key(None, None, config(num_workers=4, precision="fp32"), task) == key
+    assert cache_key(None, None, config(eval_every=10), task) != key
+    assert cache_key(None, None, config(), task, precision="bf16") != key
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,7 @@ def test_new_options_leave_existing_cache_keys_alone(setup):
 )
 def test_bad_finetune_options_fail_validation(changes, message):
     with pytest.raises(ConfigError, match=message):
-        dataclasses.replace(FinetuneConfig(), **changes).validate()
+        dataclasses.replace(config(), **changes).validate()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

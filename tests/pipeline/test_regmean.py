@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from knots.pipeline.regmean import regmean_merge
+from knots.methods.regmean import regmean_merge
 
 
 def _problem(n_tasks=3, n=40, d_in=6, d_out=4, seed=0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from knots.pipeline.evaluate import hits, pick_most_confident
+from knots.metrics import hits, most_confident as pick_most_confident
 from knots.pipeline.search import grid_search, linear_search
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 from knots.errors import ConfigError
-from knots.models.base import encode, logits
+from knots.heads import ZERO_SHOT_SCALE, HeadSet
 from knots.vision.attention import SeparatedAttention
 from knots.vision.clip import ClipBackbone, load_clip
 
@@ -44,7 +44,7 @@ def test_peft_lora_targets_only_the_attention_projections(tiny_clip):
 
     encoder = copy.deepcopy(tiny_clip.encoder)
     peft_model = get_peft_model(encoder, LoraConfig(r=4, lora_alpha=4, lora_dropout=0.1,
-                                                    target_modules=tiny_clip.lora_target_modules))
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
     lora = {n.rsplit(".lora_", 1)[0] for n, p in peft_model.named_parameters() if p.requires_grad}
     expected = {f"base_model.model.visual.transformer.resblocks.{i}.attn.{p}"
                 for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
@@ -79,13 +79,17 @@ def test_class_heads_are_cached_and_not_aliased(tiny_clip):
 
 
 def test_zero_shot_logits_are_100_times_cosine(tiny_clip):
-    heads = tiny_clip.class_embeddings(["x", "y"], ["{}"])
+    from knots.data.tasks import TaskData
+
+    task = TaskData("t", ["x", "y"], ["{}"], train=[], validation=[], test=[])
+    heads = HeadSet.zero_shot({"t": tiny_clip.class_embeddings(["x", "y"], ["{}"])}, [task])
     with torch.no_grad():
-        feats = encode(tiny_clip, tiny_clip.collate(_images(2)))
-    out = logits(feats, heads, tiny_clip.logit_scale)
-    assert tiny_clip.logit_scale == 100.0
+        raw = tiny_clip.encoder(tiny_clip.collate(_images(2)))
+    out = heads.per_task["t"].logits(heads.prepare(raw))
+    assert ZERO_SHOT_SCALE == 100.0
     assert out.abs().max() <= 100.0 + 1e-4
-    torch.testing.assert_close(out, 100 * nn.functional.cosine_similarity(feats[:, None], heads[None], dim=-1))
+    embeddings = heads.per_task["t"].weight
+    torch.testing.assert_close(out, 100 * nn.functional.cosine_similarity(raw[:, None], embeddings[None], dim=-1))
 
 
 def test_bad_model_configs_raise_config_errors():

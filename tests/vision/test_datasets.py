@@ -1,17 +1,29 @@
 """Image task construction: split rules, label checks, the 748-label joint space of the paper."""
 
-import numpy as np
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from knots.data.tasks import JointLabelSpace
+from knots.config.resources import config_dir
+from knots.data.splits import assign_roles
+from knots.data.tasks import JointLabelSpace, TaskData
 from knots.errors import ConfigError
-from knots.pipeline.evaluate import hits
-from knots.vision.datasets import (LazyImage, carve_split, class_names_from_feature, prompt_name,
-                                   task_from_splits)
+from knots.metrics import hits
+from knots.vision.datasets import LazyImage, class_names_from_feature, prompt_name, task_from_splits
 
-CONF = "conf/benchmark/vision8.yaml"
+CONF = config_dir() / "benchmark" / "vision8.yaml"
+SPLIT = dict(seed=0, fractions={"train": 0.6, "validation": 0.2, "test": 0.2}, carve_from="test", carve_fraction=0.2,
+             max_train=None, max_validation=None, max_test=None, balance=False)
+
+
+def build(name, splits, source_splits=("train", "test"), **options):
+    """A task from fake ``datasets`` splits, split like conf/task/hf_image.yaml does."""
+    source = task_from_splits(name, splits, **options)
+    split = SimpleNamespace(**{**SPLIT, "source_splits": {s: s for s in source_splits}, **options.pop("split", {})})
+    sets = assign_roles(source.splits, split, name)
+    return TaskData(name, source.class_names, source.templates, label_keys=source.label_keys, **sets)
 
 
 def _fake(num_classes, sizes, names=None, splits=("train", "test")):
@@ -29,31 +41,19 @@ def _fake(num_classes, sizes, names=None, splits=("train", "test")):
     return out
 
 
-def test_carved_validation_is_deterministic_disjoint_and_complete():
-    a_val, a_test = carve_split(1000, 0.2, seed=0)
-    b_val, b_test = carve_split(1000, 0.2, seed=0)
-    np.testing.assert_array_equal(a_val, b_val)
-    np.testing.assert_array_equal(a_test, b_test)
-    assert len(a_val) == 200 and len(a_test) == 800
-    assert not set(a_val) & set(a_test)
-    assert sorted([*a_val, *a_test]) == list(range(1000))
-    assert not np.array_equal(carve_split(1000, 0.2, seed=1)[0], a_val)
-    with pytest.raises(ConfigError):
-        carve_split(10, 1.0, 0)
-
-
 def test_without_validation_split_20_percent_of_test_is_carved():
-    task = task_from_splits("dtd", _fake(5, (30, 50)), num_classes=5)
+    task = build("dtd", _fake(5, (30, 50)), num_classes=5)
     assert len(task.train) == 30 and len(task.validation) == 10 and len(task.test) == 40
     val_rows = {x.index for x, _ in task.validation}
     test_rows = {x.index for x, _ in task.test}
     assert not val_rows & test_rows and len(val_rows | test_rows) == 50
-    again = task_from_splits("dtd", _fake(5, (30, 50)), num_classes=5)
+    again = build("dtd", _fake(5, (30, 50)), num_classes=5)
     assert [x.index for x, _ in again.validation] == [x.index for x, _ in task.validation]
 
 
-def test_the_datasets_own_validation_split_is_used_when_present():
-    task = task_from_splits("eurosat", _fake(4, (20, 8, 12), splits=("train", "validation", "test")), num_classes=4)
+def test_the_datasets_own_validation_split_is_used_when_mapped():
+    task = build("eurosat", _fake(4, (20, 8, 12), splits=("train", "validation", "test")), ("train", "validation", "test"),
+                 num_classes=4)
     assert len(task.validation) == 8 and len(task.test) == 12
     x, y = task.validation[3]
     assert isinstance(x, LazyImage) and y == 3
@@ -62,9 +62,11 @@ def test_the_datasets_own_validation_split_is_used_when_present():
 
 def test_labels_follow_the_rows_they_came_from():
     data = _fake(3, (9, 30))
-    task = task_from_splits("mnist", data, num_classes=3, max_test=7)
-    assert len(task.test) == 7
-    for x, y in task.test:
+    source = task_from_splits("mnist", data, num_classes=3)
+    split = SimpleNamespace(**{**SPLIT, "source_splits": {"train": "train", "test": "test"}, "max_test": 6})
+    test = assign_roles(source.splits, split, "mnist")["test"]
+    assert len(test) == 6
+    for x, y in test:
         assert data["test"][x.index]["label"] == y
 
 
@@ -90,11 +92,11 @@ def _paper_tasks():
     cfg = OmegaConf.load(CONF)
     tasks = []
     for name, spec in cfg.tasks.items():
-        options = OmegaConf.to_container(spec.read_options)
-        options.pop("hf_path"), options.pop("hf_name", None), options.pop("cache_dir")
+        options = OmegaConf.to_container(spec.loader)
+        options.pop("hf_path"), options.pop("hf_name", None)
         n = options["num_classes"]
         names = [p[0] for p in options["prompt_names"]] if "prompt_names" in options else [str(i) for i in range(n)]
-        tasks.append(task_from_splits(name, _fake(n, (n, n), names=names), **options))
+        tasks.append(build(name, _fake(n, (n, 5 * n), names=names), **options))
     return tasks
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from knots.pipeline.finetune import StepBatches, collated_batches
+from knots.pipeline.training import StepBatches, collated_batches
 
 
 def test_image_batches_from_workers_match_in_process(tiny_clip):

@@ -126,3 +126,43 @@ def test_an_adapter_with_both_layouts_is_refused(tmp_path):
     save_file({**load_file(str(src / "adapter_model.safetensors")), **extra}, str(src / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="appears twice"):
         convert_released_adapter(src, tmp_path / "out")
+
+
+def test_the_conversion_is_an_atomic_verified_directory_written_by_the_exporter(tmp_path):
+    from knots.atomic import read_manifest, verify_directory
+    from knots.errors import OutputError
+
+    src = _write(tmp_path / "src", _factors(layers=1), "")
+    dst = convert_released_adapter(src, tmp_path / "dst", width=32)
+    assert verify_directory(dst) == [] and read_manifest(dst)["files"].keys() >= {
+        "adapter_config.json", "adapter_model.safetensors", "converted_from.json"}
+    config = json.loads((dst / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(f"visual.transformer.resblocks.0.attn.{p}" for p in PROJ)
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 4, None)
+    with pytest.raises(OutputError, match="holds an earlier result"):
+        convert_released_adapter(src, dst, width=32)
+    assert convert_released_adapter(src, dst, width=32, overwrite=True) == dst and verify_directory(dst) == []
+
+
+def test_released_adapters_are_downloaded_once_and_reconverted_when_damaged(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from knots.vision import released
+
+    calls = []
+
+    def snapshot_download(repo, revision=None, cache_dir=None, allow_patterns=None):
+        calls.append(repo)
+        return str(_write(tmp_path / "hub" / f"{len(calls)}", _factors(layers=1, width=768), ""))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = released.released_adapters(["cars"], tmp_path / "cache", "ViT-B-32")
+    assert calls == ["hoffman-lab/KnOTS-ViT-B-32_lora_R16_stanford_cars"]
+    assert out["cars"] == tmp_path / "cache" / "released" / "hoffman-lab--KnOTS-ViT-B-32_lora_R16_stanford_cars"
+    assert released.released_adapters(["cars"], tmp_path / "cache", "ViT-B-32") == out and len(calls) == 1
+    weights = out["cars"] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # damaged: checksum differs
+    released.released_adapters(["cars"], tmp_path / "cache", "ViT-B-32")
+    assert len(calls) == 2 and load_adapter(out["cars"]).modules
+    with pytest.raises(AdapterError, match="is 768x768, but the vision tower's projections are 1024x1024"):
+        released.released_adapters(["dtd"], tmp_path / "cache", "ViT-L-14")

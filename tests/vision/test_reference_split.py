@@ -10,7 +10,9 @@ import torch
 import knots.vision.paper as paper
 import knots.vision.reference_split as ref
 from knots.errors import ConfigError
-from knots.vision.datasets import ImageTask, task_from_splits
+from knots.data.splits import assign_roles
+from knots.data.tasks import TaskSource
+from knots.vision.datasets import task_from_splits
 from knots.vision.paper import ReferenceSplit
 from knots.vision.reference_split import (authors_order, fetch_index_file, index_url, load_permutation,
                                           permutation_split)
@@ -170,6 +172,20 @@ def test_the_authors_row_orders():
 
 # --- the task builder ----------------------------------------------------------------------------
 
+ONE_TO_ONE = {"train": "train", "validation": "validation", "test": "test"}
+
+
+def roles(source, **caps):
+    """The pipeline's split (knots.data.splits) of a reference source: every role mapped, nothing carved."""
+    from knots.config.schema import SplitConfig
+
+    return assign_roles(source.splits, SplitConfig(source_splits=dict(ONE_TO_ONE), **caps), source.name)
+
+
+def rows(pool):
+    return [x.index for x, _ in pool]
+
+
 @pytest.fixture
 def tiny_reference(monkeypatch, tmp_path):
     """A hand-made 50-image permutation standing in for the authors' file of task ``mnist``."""
@@ -181,29 +197,31 @@ def tiny_reference(monkeypatch, tmp_path):
     return perm, fetch
 
 
-def test_the_reference_split_applies_the_permutation_to_the_test_split(tmp_path, tiny_reference):
+def test_the_reference_split_is_the_permutation_of_the_test_split_as_source_splits(tmp_path, tiny_reference):
     perm, fetch = tiny_reference
     data = _fake(5, (30, 50))
-    task = task_from_splits("mnist", data, num_classes=5, split="reference", cache_dir=str(tmp_path))
-    assert isinstance(task, ImageTask)
-    val_rows = [x.index for x, _ in task.validation]
-    test_rows = [x.index for x, _ in task.test]
-    assert val_rows == perm[:10].tolist() and test_rows == perm[10:].tolist()
-    assert not set(val_rows) & set(test_rows) and len(set(val_rows) | set(test_rows)) == 50
-    assert all(data["test"][x.index]["label"] == y for x, y in [*task.validation, *task.test])
-    assert len(task.train) == 30
-    assert task.info["split"] == "reference" and task.info["test_order"] == "dataset"
-    assert task.info["sizes"] == task.info["full_sizes"] == {"train": 30, "validation": 10, "test": 40}
-    assert task.info["expected"] == {"validation": 10, "test": 40}
-    assert task.info["index_file"]["url"].endswith("/dataset/shuffled_idxs/mnist_shuffled_idxs.pt")
-    again = task_from_splits("mnist", data, num_classes=5, split="reference", cache_dir=str(tmp_path), max_test=7)
+    source = task_from_splits("mnist", data, num_classes=5, reference_split=True, cache_dir=str(tmp_path))
+    assert isinstance(source, TaskSource) and list(source.splits) == ["train", "validation", "test"]
+    # validation: the first int(0.2 n) = 10 entries of the permutation; test: the other 40
+    assert rows(source.splits["validation"]) == perm[:10].tolist() and rows(source.splits["test"]) == perm[10:].tolist()
+    assert not set(rows(source.splits["validation"])) & set(rows(source.splits["test"]))
+    assert all(data["test"][x.index]["label"] == y for x, y in [*source.splits["validation"], *source.splits["test"]])
+    assert rows(source.splits["train"]) == list(range(30))
+    assert source.info["split"] == "reference" and source.info["test_order"] == "dataset"
+    assert source.info["expected"] == {"validation": 10, "test": 40}
+    assert source.info["index_file"]["url"].endswith("/dataset/shuffled_idxs/mnist_shuffled_idxs.pt")
+    # the pipeline's splitter maps the three roles one to one: the same examples, in the same order
+    sets = roles(source)
+    assert {r: rows(p) for r, p in sets.items()} == {r: rows(p) for r, p in source.splits.items()}
+    capped = roles(task_from_splits("mnist", data, num_classes=5, reference_split=True, cache_dir=str(tmp_path)),
+                   max_test=7, balance=True)
     assert len(fetch.urls) == 1, "the index file comes from the cache the second time"
-    assert again.info["sizes"]["test"] == 7 and again.info["full_sizes"]["test"] == 40
+    assert len(capped["test"]) == 7 and set(rows(capped["test"])) <= set(perm[10:].tolist())
 
 
 def test_a_test_split_of_another_size_than_the_permutation_is_an_error(tmp_path, tiny_reference):
     with pytest.raises(ConfigError, match="permutation covers 50 test images, this dataset's 'test' split has 49") as err:
-        task_from_splits("mnist", _fake(5, (30, 49)), num_classes=5, split="reference", cache_dir=str(tmp_path))
+        task_from_splits("mnist", _fake(5, (30, 49)), num_classes=5, reference_split=True, cache_dir=str(tmp_path))
     assert "\n" not in str(err.value)
 
 
@@ -215,44 +233,49 @@ def test_the_permutation_indexes_rows_in_the_authors_file_name_order(tmp_path, m
                                                                        "file_name"))
     shuffled = np.random.default_rng(5).permutation(10)  # the mirror stores the images in another order
     names = [f"sub/{i + 1:05d}.jpg" for i in shuffled]
-    built = task_from_splits("cars", _fake(3, (6, 10), paths={"test": names}), num_classes=3, split="reference",
+    built = task_from_splits("cars", _fake(3, (6, 10), paths={"test": names}), num_classes=3, reference_split=True,
                              cache_dir=str(tmp_path))
     # authors' row k is the image named f"{k + 1:05d}.jpg"; the permutation indexes those rows
     by_name = {n.split("/")[-1]: row for row, n in enumerate(names)}
     expected = [by_name[f"{k + 1:05d}.jpg"] for k in perm]
-    assert [x.index for x, _ in built.validation] + [x.index for x, _ in built.test] == expected
+    assert rows(built.splits["validation"]) + rows(built.splits["test"]) == expected
     with pytest.raises(ConfigError, match="stores no image file names"):
-        task_from_splits("cars", _fake(3, (6, 10)), num_classes=3, split="reference", cache_dir=str(tmp_path))
-    plain = task_from_splits("cars", _fake(3, (6, 10)), num_classes=3, split="reference", cache_dir=str(tmp_path),
+        task_from_splits("cars", _fake(3, (6, 10)), num_classes=3, reference_split=True, cache_dir=str(tmp_path))
+    plain = task_from_splits("cars", _fake(3, (6, 10)), num_classes=3, reference_split=True, cache_dir=str(tmp_path),
                              test_order="dataset")
-    assert [x.index for x, _ in plain.validation] == perm[:2].tolist()
+    assert rows(plain.splits["validation"]) == perm[:2].tolist()
 
 
-def test_official_validation_tasks_need_the_datasets_validation_split(tmp_path, monkeypatch):
+def test_official_validation_tasks_need_the_datasets_validation_split_of_the_official_size(tmp_path, monkeypatch):
     monkeypatch.setitem(paper.REFERENCE_SPLITS, "dtd", ReferenceSplit(8, 12, mirror="someone/dtd_with_val"))
     with_val = _fake(4, (20, 8, 12), splits=("train", "validation", "test"))
-    task = task_from_splits("dtd", with_val, num_classes=4, split="reference")
-    assert (len(task.validation), len(task.test)) == (8, 12) and task.info["validation"] == "the dataset's 'validation' split"
+    source = task_from_splits("dtd", with_val, num_classes=4, reference_split=True)
+    assert {r: len(p) for r, p in source.splits.items()} == {"train": 20, "validation": 8, "test": 12}
+    assert source.info["validation"] == "the dataset's 'validation' split"
+    renamed = {"train": with_val["train"], "val": with_val["validation"], "test": with_val["test"]}
+    assert len(task_from_splits("dtd", renamed, num_classes=4, reference_split=True,
+                                split_names={"validation": "val"}).splits["validation"]) == 8
     with pytest.raises(ConfigError, match="has none .* e.g. someone/dtd_with_val") as err:
-        task_from_splits("dtd", _fake(4, (20, 12)), num_classes=4, split="reference")
+        task_from_splits("dtd", _fake(4, (20, 12)), num_classes=4, reference_split=True)
     assert "\n" not in str(err.value)
-    wrong = _fake(4, (20, 9, 12), splits=("train", "validation", "test"))
-    with pytest.raises(ConfigError, match="expects 8 validation and 12 test images, the data gives 9 validation, 12 test"):
-        task_from_splits("dtd", wrong, num_classes=4, split="reference")
+    for sizes, found in (((20, 9, 12), "9 validation, 12 test"), ((20, 8, 13), "8 validation, 13 test")):
+        wrong = _fake(4, sizes, splits=("train", "validation", "test"))
+        with pytest.raises(ConfigError, match=f"expects 8 validation and 12 test images, the data gives {found}") as err:
+            task_from_splits("dtd", wrong, num_classes=4, reference_split=True)
+        assert "\n" not in str(err.value)
 
 
-def test_the_seeded_split_stays_the_default(tmp_path):
-    task = task_from_splits("dtd", _fake(5, (30, 50)), num_classes=5)
-    assert task.info["split"] == "seeded" and "expected" not in task.info
-    assert task.info["sizes"] == {"train": 30, "validation": 10, "test": 40}
-    with pytest.raises(ConfigError, match="split must be one of seeded, reference"):
-        task_from_splits("dtd", _fake(5, (30, 50)), num_classes=5, split="authors")
+def test_without_the_reference_split_the_builder_returns_the_datasets_own_splits(tmp_path):
+    source = task_from_splits("dtd", _fake(5, (30, 50)), num_classes=5)
+    assert {r: len(p) for r, p in source.splits.items()} == {"train": 30, "test": 50}
+    assert source.info == {"split": "dataset"}
     with pytest.raises(ConfigError, match="no reference split for task 'digits'"):
-        task_from_splits("digits", _fake(5, (30, 50)), num_classes=5, split="reference", template_set="mnist")
+        task_from_splits("digits", _fake(5, (30, 50)), num_classes=5, reference_split=True, template_set="mnist")
 
 
-def test_a_vision8_task_builds_the_reference_split_from_its_config(tmp_path, monkeypatch, tiny_reference):
-    """``read_options.split: reference`` is all a benchmark task needs; index files share the data cache."""
+def test_a_vision8_task_builds_the_reference_split_under_the_reference_protocol(tmp_path, monkeypatch, tiny_reference):
+    """protocol=reference is all it takes; the index files share the data cache; the split sizes and
+    their provenance reach TaskData.info."""
     import datasets
 
     from knots.config.schema import to_run_config
@@ -262,9 +285,14 @@ def test_a_vision8_task_builds_the_reference_split_from_its_config(tmp_path, mon
     perm, fetch = tiny_reference
     monkeypatch.setenv("KNOTS_DATA_CACHE", str(tmp_path / "data"))
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: _fake(10, (30, 50)))
-    cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task", "+benchmark.tasks.mnist.read_options.split=reference"))
+    cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task", "protocol=reference"))
     task = build_task("mnist", cfg.benchmark.tasks["mnist"])
-    assert [x.index for x, _ in task.validation] == perm[:10].tolist()
-    assert task.info["sizes"] == {"train": 30, "validation": 10, "test": 40}
-    assert task.info["source"]["hf_path"] == "ylecun/mnist"
+    assert rows(task.validation) == perm[:10].tolist() and rows(task.test) == perm[10:].tolist()
+    assert task.info["split"] == "reference" and task.info["expected"] == {"validation": 10, "test": 40}
+    assert task.info["source_sizes"] == {"train": 30, "validation": 10, "test": 40}
+    assert task.info["dataset"]["hf_path"] == "ylecun/mnist"
     assert len(list((tmp_path / "data" / "knots-reference").rglob("mnist_shuffled_idxs.pt"))) == 1
+    default = to_run_config(compose(tmp_path, "experiment=vitb32_per_task", "protocol=default"))
+    seeded = build_task("mnist", default.benchmark.tasks["mnist"])
+    assert (len(seeded.validation), len(seeded.test)) == (10, 40) and seeded.info["split"] == "dataset"
+    assert rows(seeded.validation) != perm[:10].tolist() and len(fetch.urls) == 1

@@ -4,9 +4,11 @@ import json
 import time
 from pathlib import Path
 
+from knots.config.resources import config_dir
+
 import pytest
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 METHODS = ["ta", "ties", "dare_ties", "knots_ties", "knots_dare_ties", "regmean", "ensemble"]
 
@@ -44,8 +46,8 @@ def _check(results, tasks, joint_labels):
 def test_vision_smoke_on_two_digit_tasks(tmp_path):
     """Default suite: the package-shipped digit tasks (no system data), a shorter search."""
     results, _, out = _run(tmp_path, "benchmark.select=[digits,mnist]",
-                           "search.scaling=[0.5,1.0]", "search.top_k=[20,100]",
-                           "search.p=[0.5]", "search.dare_seeds=[0]", "search.regmean_alpha=[0.9]")
+                           "search.ranges.scaling=[0.5,1.0]", "search.ranges.top_k=[20,100]",
+                           "search.ranges.p=[0.5]", "search.ranges.seed=[0]", "search.ranges.alpha=[0.9]")
     _check(results, ["digits", "mnist"], joint_labels=10)  # the ten digits are shared
     # the finetuned models learned something on images (10 classes, chance is 10%)
     assert max(r["val_accuracy"] for r in results["finetuned"].values()) > 20

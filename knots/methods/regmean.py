@@ -1,20 +1,28 @@
-"""RegMean (Jin et al., ICLR 2023): merge linear layers by the closed-form least-squares solution.
+"""RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023).
 
 For a linear layer ``y = W x`` with per-task weights ``W_i`` and input Gram matrices
 ``G_i = X_i^T X_i``, the merged weight minimizing ``sum_i ||X_i W^T - X_i W_i^T||^2`` is
 ``W^T = (sum_i G_i)^{-1} sum_i G_i W_i^T``. ``alpha`` scales the off-diagonal entries of every
 ``G_i`` (``alpha = 1`` is the exact solution; smaller values pull it toward a weighted average).
+The Gram matrices come from ``num_examples`` training inputs per task, through each finetuned model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from knots.models.base import Backbone
+from knots.errors import ConfigError
+from knots.methods import register_method
+from knots.methods.base import MergedModel, MergeInputs
+from knots.models.apply import applied
+from knots.models.base import Backbone, to_device
+
+REFERENCE = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023"
 
 
 def regmean_merge(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float, ridge: float = 1e-6) -> torch.Tensor:
@@ -65,9 +73,42 @@ def input_grams(backbone: Backbone, modules: Sequence[str], inputs: Sequence, ba
         for i in tqdm(starts, desc=desc, disable=desc is None, leave=False):
             batch = backbone.collate(list(inputs[i : i + batch_size]))
             mask_box[0] = backbone.token_mask(batch)
-            batch = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            backbone.encoder(batch)
+            backbone.encoder(to_device(batch, backbone.device))
     finally:
         for h in handles:
             h.remove()
     return {k: v.cpu() for k, v in grams.items()}
+
+
+def check(params: dict[str, Any]) -> None:
+    if "alpha" in params and not 0.0 <= params["alpha"] <= 1.0:
+        raise ConfigError(f"regmean alpha must be in [0, 1], got {params['alpha']}")
+    if "num_examples" in params and params["num_examples"] < 1:
+        raise ConfigError(f"regmean num_examples must be >= 1, got {params['num_examples']}")
+
+
+def task_grams(inputs: MergeInputs, num_examples: int) -> list[dict[str, torch.Tensor]]:
+    """Each finetuned model's Gram matrices over its own task's first ``num_examples`` training inputs."""
+    modules = sorted(inputs.adapters[0].adapter.modules)
+    grams = []
+    for task, adapter in zip(inputs.tasks, inputs.adapters):
+        rows = [x for x, _ in task.train[:num_examples]]
+        with applied(inputs.backbone.encoder, adapter.adapter.delta_state_dict()):
+            grams.append(input_grams(inputs.backbone, modules, rows, inputs.batch_size,
+                                     f"regmean grams {task.name}" if inputs.progress else None))
+    return grams
+
+
+@register_method("regmean", reference=REFERENCE, uses=("alpha", "num_examples"), check=check)
+def regmean(inputs: MergeInputs, alpha: float, num_examples: int) -> MergedModel:
+    """RegMean: per linear layer, the least-squares merge of the finetuned weights on their tasks' inputs."""
+    modules = sorted(inputs.adapters[0].adapter.modules)
+    grams = inputs.cached(("regmean_grams", num_examples), lambda: task_grams(inputs, num_examples))
+    base = inputs.cached("base_weights", lambda: {k: v.detach().clone() for k, v in inputs.backbone.encoder.state_dict().items()})
+    deltas = inputs.cached("finetuned_deltas", lambda: [a.adapter.delta_state_dict() for a in inputs.adapters])
+    out = {}
+    for m in modules:
+        key = f"{m}.weight"
+        weights = [base[key] + d[key] for d in deltas]
+        out[key] = regmean_merge(weights, [g[m] for g in grams], alpha) - base[key]
+    return MergedModel(out)
