@@ -13,6 +13,10 @@ With ``eval_every`` the validation accuracy is measured during training and the 
 the last) becomes the adapter; ``patience`` stops training after that many evaluations without
 improvement. On CUDA, ``precision`` runs forward passes under autocast (bf16, or fp16 with loss
 scaling). ``num_workers > 0`` decodes and collates batches in DataLoader workers, in the same order.
+The authors' recipe adds a cosine horizon apart from the training length (``schedule_steps``), a
+minimum improvement for early stopping, fp32 with a gradient scaler and a training logit scale apart
+from the evaluation one (``knots.config.schema.FinetuneConfig``); ``cfg`` is one task's settings, with
+its steps resolved (``knots.pipeline.training.task_recipe``).
 """
 
 from __future__ import annotations
