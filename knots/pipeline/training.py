@@ -139,8 +139,8 @@ class BestState:
     def update(self, step: int, acc: float, params: dict[str, nn.Parameter], min_improvement: float = 0.0) -> None:
         """Record an evaluation; one better than the best by more than ``min_improvement`` (points of
         accuracy, the authors' ``min_delta``) replaces the kept LoRA state, any other counts as a bad
-        evaluation. The first evaluation
-        is always better."""
+        evaluation. The best starts at -1%, so without a margin the first evaluation always counts (the
+        authors' stopper starts at 0%: the two differ only for an accuracy within the margin of 0%)."""
         self.history.append((step, acc))
         if acc > self.accuracy + min_improvement:
             self.accuracy, self.step, self.bad_evals = acc, step, 0
