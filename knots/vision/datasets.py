@@ -182,6 +182,9 @@ def task_from_splits(name: str, splits: Mapping[str, Any], *, template_set: str 
         pools, info = reference_pools(name, splits, image_key=image_key, label_key=label_key, paper_task=paper_task,
                                       split_names=split_names, test_order=test_order, cache_dir=cache_dir)
     else:
+        unused = [k for k, v in (("paper_task", paper_task), ("split_names", split_names), ("test_order", test_order)) if v]
+        if unused:
+            raise ConfigError(f"task {name}: {', '.join(unused)} applies only with reference_split: true")
         pools, info = {split: _pool(data, image_key, label_key) for split, data in splits.items()}, {"split": "dataset"}
     namespace = label_namespace or name
     return TaskSource(name=name, class_names=class_names, templates=templates_for(template_set or name), splits=pools,

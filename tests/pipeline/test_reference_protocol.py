@@ -109,6 +109,8 @@ def test_a_run_records_its_normalizers_ensemble_rule_and_splits(compose_run, tmp
     monkeypatch.setattr(paper, "paper_normalizers", lambda arch, tasks: {t: table[t] for t in tasks})
     cfg = to_run_config(compose_run("logger=none", "normalizers=paper", "methods=[ta,ensemble]",
                                     "+method_params.ensemble.rule=max_logit"))
+    for name in ("knots", "knots.pipeline"):  # an in-process knots-merge (hydra job_logging: disabled) turns them off
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
     with caplog.at_level(logging.INFO, logger="knots.pipeline"):
         run_experiment(cfg, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -269,6 +269,8 @@ def test_without_the_reference_split_the_builder_returns_the_datasets_own_splits
     source = task_from_splits("dtd", _fake(5, (30, 50)), num_classes=5)
     assert {r: len(p) for r, p in source.splits.items()} == {"train": 30, "test": 50}
     assert source.info == {"split": "dataset"}
+    with pytest.raises(ConfigError, match="test_order applies only with reference_split: true"):
+        task_from_splits("dtd", _fake(5, (30, 50)), num_classes=5, test_order="dataset")
     with pytest.raises(ConfigError, match="no reference split for task 'digits'"):
         task_from_splits("digits", _fake(5, (30, 50)), num_classes=5, reference_split=True, template_set="mnist")
 
