@@ -31,7 +31,10 @@ CODE_SOURCES = ("callable", "task")
 #: Sources whose builder makes the whole task (class names, templates, source splits): no ``classes``.
 TASK_SOURCES = ("task",)
 SPLIT_ROLES = ("train", "validation", "test")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "fp32_scaled", "bf16", "fp16")
+#: What merged accuracies are divided by: each task's finetuned accuracy as measured in the run, or
+#: the authors' fixed values (knots.vision.paper), on validation and test alike.
+NORMALIZERS = ("measured", "paper")
 HEAD_KINDS = ("zero_shot", "trained")
 SCHEDULES = ("cosine", "linear")
 #: How a missing split role is carved out of another (see ``knots.data.splits.carved_parts``).
@@ -302,6 +305,16 @@ class FinetuneConfig:
     off CUDA. ``num_workers``: DataLoader processes that decode and preprocess training batches
     (0: in the training process); the batches are the same either way.
 
+    The authors' recipe (``protocol=reference``) needs five more settings, all off by default:
+    ``epochs`` (every task) or ``epochs_per_task`` (task -> epochs, over ``epochs``) replace ``steps``
+    by ``epochs * ceil(n_train / batch_size)``; ``schedule_steps`` is the cosine's horizon (null:
+    the training length; past it the cosine goes on and the learning rate rises again, as the
+    authors' ``cosine_lr`` does); ``min_improvement`` (points of accuracy) is the margin by which a
+    validation accuracy must beat the best one to count as better; ``fp32_scaled`` precision runs in
+    fp32 with a gradient scaler (on any device); ``train_logit_scale`` multiplies the normalized
+    features by this in training (the zero-shot heads' evaluation scale stays 100: the authors' 10^4
+    is their heads, already scaled by 100, scaled by 100 again, a defect reproduced only on request).
+
     Fields marked ``cache_key=False`` do not change the trained adapter and stay out of its cache key;
     ``cache_key="non_default"`` ones enter it only when set, so older adapters keep their keys.
 
@@ -325,6 +338,12 @@ class FinetuneConfig:
     patience: int | None = field(default=None, metadata={"cache_key": "non_default"})
     precision: str = field(default="auto", metadata={"cache_key": False})  # the resolved one is keyed
     num_workers: int = field(default=0, metadata={"cache_key": False})
+    # per task, these become ``steps`` and ``schedule_steps`` before the cache key is made (training.task_recipe)
+    epochs: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    epochs_per_task: dict[str, int] = field(default_factory=dict, metadata={"cache_key": "non_default"})
+    schedule_steps: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    min_improvement: float = field(default=0.0, metadata={"cache_key": "non_default"})
+    train_logit_scale: float = field(default=100.0, metadata={"cache_key": "non_default"})
     schedule: str = field(default="cosine", metadata={"cache_key": "non_default"})
     warmup_fraction: float | None = field(default=None, metadata={"cache_key": "non_default"})
     #: A PEFT adapter (directory or hub id) whose LoRA and head every task starts from, instead of the
@@ -335,7 +354,16 @@ class FinetuneConfig:
         _check(self.steps >= 1, f"finetune.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
-        _check(0 <= self.warmup_steps <= self.steps, "finetune.warmup_steps must be in [0, steps]")
+        epochs = [self.epochs, *self.epochs_per_task.values()]
+        _check(all(e is None or e >= 1 for e in epochs), "finetune.epochs and finetune.epochs_per_task must be >= 1")
+        if self.epochs is None and not self.epochs_per_task:
+            _check(0 <= self.warmup_steps <= self.steps, "finetune.warmup_steps must be in [0, steps]")
+        _check(self.warmup_steps >= 0, "finetune.warmup_steps must be >= 0")
+        _check(self.schedule_steps is None or self.schedule_steps > self.warmup_steps,
+               "finetune.schedule_steps must be greater than finetune.warmup_steps (or null)")
+        _check(self.min_improvement >= 0, f"finetune.min_improvement must be >= 0, got {self.min_improvement}")
+        _check(not self.min_improvement or bool(self.eval_every), "finetune.min_improvement needs finetune.eval_every")
+        _check(self.train_logit_scale > 0, f"finetune.train_logit_scale must be > 0, got {self.train_logit_scale}")
         _check(self.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1")
         _check(self.eval_batch_size >= 1, "finetune.eval_batch_size must be >= 1")
         _check(self.eval_every is None or self.eval_every >= 0, "finetune.eval_every must be >= 0 or null")
@@ -432,6 +460,8 @@ class RunConfig:
     device: str = MISSING
     threads: int | None = None
     progress: bool = True
+    #: ``measured`` or ``paper`` (NORMALIZERS); set by the ``protocol`` group.
+    normalizers: str = MISSING
 
     def validate(self) -> None:
         from knots.analyses import analysis_names, analysis_options
@@ -471,6 +501,18 @@ class RunConfig:
             _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:
             _check(task in self.benchmark.tasks, f"adapters.paths: unknown task {task!r}")
+        _check(self.normalizers in NORMALIZERS, f"unknown normalizers {self.normalizers!r}; expected one of {NORMALIZERS}")
+        if self.normalizers == "paper":
+            from knots.vision.paper import paper_normalizers
+
+            paper_normalizers(self.model.backbone.get("arch"), self.benchmark.task_names)
+        missing = [t for t in self.benchmark.task_names if self.finetune.epochs is None
+                   and self.finetune.epochs_per_task and t not in self.finetune.epochs_per_task]
+        _check(self.adapters.given or not missing, f"finetune.epochs_per_task has no value for task(s) {', '.join(missing)} "
+               f"(and finetune.epochs is null)")
+        if self.model.head.kind == "trained":
+            _check(self.finetune.train_logit_scale == 100.0,
+                   "finetune.train_logit_scale scales zero-shot heads' logits; with trained heads leave it at 100")
 
 
     def _check_search_space(self, method: str) -> None:

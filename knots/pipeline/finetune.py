@@ -13,6 +13,10 @@ With ``eval_every`` the validation accuracy is measured during training and the 
 the last) becomes the adapter; ``patience`` stops training after that many evaluations without
 improvement. On CUDA, ``precision`` runs forward passes under autocast (bf16, or fp16 with loss
 scaling). ``num_workers > 0`` decodes and collates batches in DataLoader workers, in the same order.
+The authors' recipe adds a cosine horizon apart from the training length (``schedule_steps``), a
+minimum improvement for early stopping, fp32 with a gradient scaler and a training logit scale apart
+from the evaluation one (``knots.config.schema.FinetuneConfig``); ``cfg`` is one task's settings, with
+its steps resolved (``knots.pipeline.training.task_recipe``).
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from knots.models.base import Backbone, to_device
 from knots.pipeline.cache import META_NAME, is_complete
 from knots.pipeline.io import atomic_dir, torch_save, write_json
 from knots.pipeline.logger import NullLogger
-from knots.pipeline.training import (BestState, Logits, StepBatches, accuracy, autocast, collated_batches, lr_lambda,
-                                     resolve_precision, warmup_length)
+from knots.pipeline.training import (SCALED_PRECISIONS, BestState, Logits, StepBatches, accuracy, autocast,
+                                     collated_batches, lr_lambda, resolve_precision, warmup_length)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -60,10 +64,13 @@ class TrainedHeadSpec:
 TrainingHead = Head | TrainedHeadSpec
 
 
-def head_of(model: nn.Module, head: TrainingHead) -> Logits:
-    """``features -> logits`` of the model being trained (for a trained head, its live parameters)."""
+def head_of(model: nn.Module, head: TrainingHead, scale: float | None = None) -> Logits:
+    """``features -> logits`` of the model being trained (for a trained head, its live parameters);
+    ``scale`` replaces a zero-shot head's logit scale (``finetune.train_logit_scale``)."""
     if isinstance(head, Head):
         frozen = head.to(next(model.parameters()).device)
+        if scale is not None:
+            frozen = dataclasses.replace(frozen, scale=scale)
         return lambda features: frozen.logits(nn.functional.normalize(features, dim=-1))
     wrapper = model.get_submodule(f"base_model.model.{head.module}")
     linear = wrapper.modules_to_save[wrapper.active_adapters[0]] if hasattr(wrapper, "modules_to_save") else wrapper
@@ -187,11 +194,13 @@ def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingH
     precision = resolve_precision(cfg.precision, device)
     evaluating = bool(cfg.eval_every)
 
-    logits_of = head_of(model, head)
+    logits_of = head_of(model, head, cfg.train_logit_scale)
+    eval_logits_of = head_of(model, head)
     params = _trainable(model)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_length(cfg), cfg.steps, getattr(cfg, "schedule", "cosine")))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_length(cfg), cfg.schedule_steps or cfg.steps,
+                                                             getattr(cfg, "schedule", "cosine")))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision in SCALED_PRECISIONS)
     step, resumed_from, losses, best = 0, 0, [], BestState()
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -241,8 +250,8 @@ def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingH
             acc = (logits.argmax(1) == target).float().mean().item() * 100
             logger.log({f"{prefix}step": step, f"{prefix}loss": loss.item(), f"{prefix}acc": acc, f"{prefix}lr": sched.get_last_lr()[0]})
         if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val = accuracy(model, backbone, task.validation, logits_of, cfg.eval_batch_size, precision, cfg.num_workers)
-            best.update(step, val, params)
+            val = accuracy(model, backbone, task.validation, eval_logits_of, cfg.eval_batch_size, precision, cfg.num_workers)
+            best.update(step, val, params, cfg.min_improvement)
             logger.log({f"{prefix}step": step, f"{prefix}val_acc": val, f"{prefix}best_val_acc": best.accuracy})
             stop = bool(cfg.patience) and best.bad_evals >= cfg.patience
         if step % cfg.checkpoint_every == 0 and step < cfg.steps and not stop:
