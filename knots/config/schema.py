@@ -491,9 +491,6 @@ class RunConfig:
         if self.model.head.kind == "trained":
             _check(self.search.metric != "joint_hits@3",
                    "search.metric joint_hits@3 needs zero-shot heads: with trained heads the tasks have no shared label space")
-            for m in self.methods:
-                _check(m not in ZERO_SHOT_ONLY_METHODS, f"method {m} needs zero-shot heads: each trained head belongs to its "
-                                                       "own finetuned model (use model.head.kind=zero_shot or drop the method)")
         known_analyses = analysis_names()
         for a in self.analyses:
             _check(a in known_analyses, f"unknown analysis {a!r}; known: {', '.join(known_analyses) or 'none'}")
@@ -513,6 +510,9 @@ class RunConfig:
         if self.model.head.kind == "trained":
             _check(self.finetune.train_logit_scale == 100.0,
                    "finetune.train_logit_scale scales zero-shot heads' logits; with trained heads leave it at 100")
+            for m in self.methods:
+                _check(m not in ZERO_SHOT_ONLY_METHODS, f"method {m} needs zero-shot heads: each trained head belongs to its "
+                                                       "own finetuned model (use model.head.kind=zero_shot or drop the method)")
 
 
     def _check_search_space(self, method: str) -> None:
