@@ -85,6 +85,9 @@ def build_task(name: str, cfg: Any) -> TaskData:
         sets = split_examples(rows, cfg.classes, cfg.split, name)
         class_names, templates = [c.name for c in cfg.classes], list(cfg.templates)
         keys, mask, info = [c.key or f"{name}/{c.name}" for c in cfg.classes], None, {}
+        masked = [bool(getattr(c, "masked", False)) for c in cfg.classes]
+        if any(masked):
+            mask = [not m for m in masked]
     if len(set(sets["train"].labels)) < 2:
         raise ConfigError(f"task {name}: the training split has fewer than 2 classes")
     return TaskData(name=name, class_names=list(class_names), templates=list(templates),

@@ -19,13 +19,13 @@ import torch
 from knots.heads import HeadSet
 from knots.methods.base import Candidate, FinetunedEnsemble, MergedModel, TaskAdapter
 from knots.metrics import accuracy, summarize
-from knots.models.apply import applied
+from knots.models.apply import Update, applied, lora_updates
 from knots.models.base import Backbone
 from knots.pipeline.io import torch_save
 from knots.taskpool import EvalSet, ensemble_scores, score_features
 
 
-def features(backbone: Backbone, data: EvalSet, heads: HeadSet, delta: Mapping[str, torch.Tensor] | None,
+def features(backbone: Backbone, data: EvalSet, heads: HeadSet, delta: Mapping[str, Update] | None,
              desc: str | None = None) -> torch.Tensor:
     """Head inputs of every example of ``data`` for the backbone with ``delta`` applied (if any)."""
     if not delta:
@@ -90,7 +90,7 @@ def evaluate_finetuned(backbone: Backbone, heads: HeadSet, data: Mapping[str, Ev
             for split in data:
                 feats[split].append(saved[split])
             continue
-        delta = adapter.adapter.delta_state_dict()
+        delta = lora_updates(adapter.adapter)
         computed = {split: features(backbone, d, heads, delta, f"finetuned {adapter.task} {split}" if progress else None)
                     for split, d in data.items()}
         for split in data:

@@ -38,6 +38,7 @@ def finetune_stage(models: ModelPool, tasks: TaskPool, zero_shot: HeadSet | None
                    logger: NullLogger | None = None) -> list[TaskAdapter]:
     """One adapter per task: given ones (``adapters.paths`` / ``adapters.loader``), or finetuned into
     the adapter cache (a cached adapter is reused, an interrupted one resumed)."""
+    models.check_tasks(tasks.tasks)
     if cfg.adapters.given:
         paths = given_adapters(cfg.adapters, tasks.names, cfg.paths.cache_dir)
         return [models.load(task, paths[task.name], {"task": task.name, "path": str(paths[task.name]), "reused": True, "resumed_from": 0})

@@ -149,12 +149,30 @@ class BestState:
             self.bad_evals += 1
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then cosine decay to zero at step ``total`` (the horizon).
+def warmup_length(cfg: Any) -> float:
+    """Warm-up steps of a finetuning config: ``warmup_fraction * steps`` when set (fractional, as the
+    reference computes 6% of its steps), else ``warmup_steps``."""
+    fraction = getattr(cfg, "warmup_fraction", None)
+    return cfg.warmup_steps if fraction is None else fraction * cfg.steps
 
-    Past the horizon the cosine goes on (the factor rises again), as the authors' ``cosine_lr``
+
+def lr_lambda(warmup: float, total: int, schedule: str = "cosine") -> Callable[[int], float]:
+    """The learning-rate factor of each step; ``total`` is the schedule's horizon.
+
+    ``cosine``: linear warm-up to the peak (``(step + 1) / warmup``), then cosine decay to zero at step
+    ``total``. Past the horizon the cosine goes on (the factor rises again), as the authors' ``cosine_lr``
     does; with the horizon at the training length (the default) no step gets there.
+    ``linear``: ``transformers.get_linear_schedule_with_warmup``, the reference's Llama3-8B schedule: warm-up
+    from zero (``step / warmup``, ``warmup`` may be fractional, e.g. 6% of the steps), then linear decay
+    to zero at ``total``.
     """
+    if schedule == "linear":
+        def linear(step: int) -> float:
+            if step < warmup:
+                return float(step) / float(max(1, warmup))
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+        return linear
 
     def f(step: int) -> float:
         if step < warmup:
