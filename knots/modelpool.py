@@ -51,6 +51,8 @@ class ModelPool:
             if not torch.cuda.is_available():  # before loading (or downloading) any weights
                 raise ConfigError(f"device {device!r} is not available (no CUDA device); set device=cpu")
         backbone = build_backbone(cfg)
+        if getattr(backbone, "dispatched", False):  # placed by the backbone's own device_map
+            return cls(backbone, cfg)
         try:
             backbone.encoder.to(device)
         except (RuntimeError, AssertionError) as error:  # an unavailable device

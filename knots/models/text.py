@@ -88,13 +88,17 @@ class TextBackbone(Backbone):
         dtype: weight dtype (``float32``, ``bfloat16``, ``float16``); features are returned in float32.
         gradient_checkpointing: recompute each layer's activations in the backward pass instead of
             keeping them (training memory of one layer instead of all; about one more forward pass).
+        device_map: spread a model that does not fit one device over the node's devices
+            (``"auto"``: transformers and accelerate place its layers, e.g. over several GPUs requested with
+            ``hydra.launcher.gpus_per_node``); the run's ``device`` is then not applied.
 
     Without a pad token (Llama's tokenizer) the end-of-text token pads, on the right.
     """
 
     def __init__(self, path: str | None = None, name: str = "text", max_length: int = 128, batch_size: int = 64,
                  pooling: str = "mean", hub_id: str | None = None, revision: str | None = None,
-                 cache_dir: str | None = None, dtype: str = "float32", gradient_checkpointing: bool = False) -> None:
+                 cache_dir: str | None = None, dtype: str = "float32", gradient_checkpointing: bool = False,
+                 device_map: str | dict[str, Any] | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         if dtype not in DTYPES:
@@ -109,7 +113,10 @@ class TextBackbone(Backbone):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        model = AutoModel.from_pretrained(local, local_files_only=True, dtype=DTYPES[dtype])
+        model = AutoModel.from_pretrained(local, local_files_only=True, dtype=DTYPES[dtype], device_map=device_map)
+        #: Spread over several devices by ``device_map`` (accelerate's hooks move activations between them):
+        #: the pipeline then leaves its placement alone instead of moving it to ``device``.
+        self.dispatched = device_map is not None
         if gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:

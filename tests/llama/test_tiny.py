@@ -39,3 +39,24 @@ def test_tiny_llama_without_pad_token_like_the_real_checkpoint(tmp_path):
     path = write_tiny_llama(tmp_path / "llama")
     assert AutoTokenizer.from_pretrained(path, local_files_only=True).pad_token is None
     assert AutoConfig.from_pretrained(path, local_files_only=True).pad_token_id is None
+
+
+def test_device_map_loads_a_dispatched_model_that_the_pipeline_leaves_in_place(tmp_path):
+    """``device_map`` goes through transformers and accelerate. This machine has one device (the CPU), so
+    the map places every layer there; on a node with several GPUs ``auto`` spreads the layers over them."""
+    import torch
+
+    from knots.modelpool import ModelPool
+    from knots.models.tiny import tiny_llama
+    from types import SimpleNamespace
+
+    plain = tiny_llama(str(tmp_path), pooling="last")
+    spread = tiny_llama(str(tmp_path), pooling="last", device_map="auto")
+    assert spread.dispatched and not plain.dispatched
+    batch = plain.collate([("a premise", "a hypothesis"), ("another", "one")])
+    with torch.no_grad():
+        torch.testing.assert_close(spread.encoder(batch), plain.encoder(batch), rtol=0, atol=0)
+    cfg = SimpleNamespace(name="llama-tiny", backbone={"_target_": "knots.models.tiny.tiny_llama", "cache_dir": str(tmp_path),
+                                                       "pooling": "last", "device_map": "auto"})
+    pool = ModelPool.build(cfg, "cuda:0" if torch.cuda.is_available() else "cpu")
+    assert pool.backbone.dispatched
