@@ -152,3 +152,16 @@ class TaskPool:
     def sizes(self) -> dict[str, dict[str, int]]:
         """Examples per task and split (for the run log and results.json)."""
         return {t.name: {s: len(t.split(s)) for s in SPLITS} for t in self.tasks}
+
+    def split_info(self) -> dict[str, dict[str, Any]]:
+        """Per task, how its splits were made (``TaskData.info``), with the sizes as used."""
+        return {t.name: {**t.info, "sizes": {s: len(t.split(s)) for s in SPLITS}} for t in self.tasks}
+
+    def describe_splits(self) -> list[str]:
+        """One line per task for the run log: the split sizes and, where known, their provenance."""
+        lines = []
+        for name, info in self.split_info().items():
+            sizes = ", ".join(f"{n} {s}" for s, n in info["sizes"].items())
+            origin = "; ".join(f"{role}: {info[role]}" for role in ("validation", "test") if isinstance(info.get(role), str))
+            lines.append(f"task {name}: {sizes}" + (f" ({origin})" if origin else ""))
+        return lines

@@ -79,13 +79,17 @@ def build_task(name: str, cfg: Any) -> TaskData:
         source = source_from_builder(name, cfg)
         sets = assign_roles(source.splits, cfg.split, name)
         class_names, templates, keys, mask = source.class_names, source.templates, source.label_keys, source.class_mask
+        info = {**source.info, "source_sizes": {split: len(pool) for split, pool in source.splits.items()}}
     else:
         rows = READERS[cfg.source](cfg, name)
         sets = split_examples(rows, cfg.classes, cfg.split, name)
         class_names, templates = [c.name for c in cfg.classes], list(cfg.templates)
-        keys, mask = [c.key or f"{name}/{c.name}" for c in cfg.classes], None
+        keys, mask, info = [c.key or f"{name}/{c.name}" for c in cfg.classes], None, {}
+        masked = [bool(getattr(c, "masked", False)) for c in cfg.classes]
+        if any(masked):
+            mask = [not m for m in masked]
     if len(set(sets["train"].labels)) < 2:
         raise ConfigError(f"task {name}: the training split has fewer than 2 classes")
     return TaskData(name=name, class_names=list(class_names), templates=list(templates),
-                    label_keys=list(keys) or [f"{name}/{c}" for c in class_names], class_mask=mask,
+                    label_keys=list(keys) or [f"{name}/{c}" for c in class_names], class_mask=mask, info=info,
                     **{role: sets[role] for role in SPLITS})

@@ -78,7 +78,9 @@ class TaskSource:
     """What a task builder (``source: task``) returns: the task's classes and its own named splits.
 
     The pipeline turns it into a :class:`TaskData` with the task's ``split`` settings, exactly as for
-    tasks read from files, so every task is split by the same code.
+    tasks read from files, so every task is split by the same code. ``info`` says where the splits
+    came from (plain JSON data: the dataset, a fixed split's rule and expected sizes...); it is
+    carried to ``TaskData.info``, the run log and results.json.
     """
 
     name: str
@@ -87,6 +89,7 @@ class TaskSource:
     splits: dict[str, LabelledPool]
     label_keys: list[str] = field(default_factory=list)
     class_mask: list[bool] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +107,8 @@ class TaskData:
         class_mask: per class, whether the task has it (None: all). A task inside a shared label
             space that lacks some classes (a two-class task in a three-way space) masks them out of
             its logits, in training and evaluation.
+        info: how the splits were made (plain JSON data, e.g. a builder's ``TaskSource.info`` and the
+            sizes of the source's splits before any cap); reported in the run log and results.json.
     """
 
     name: str
@@ -114,6 +119,7 @@ class TaskData:
     test: Sequence[Example]
     label_keys: list[str] = field(default_factory=list)
     class_mask: list[bool] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.label_keys:

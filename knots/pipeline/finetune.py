@@ -13,6 +13,10 @@ With ``eval_every`` the validation accuracy is measured during training and the 
 the last) becomes the adapter; ``patience`` stops training after that many evaluations without
 improvement. On CUDA, ``precision`` runs forward passes under autocast (bf16, or fp16 with loss
 scaling). ``num_workers > 0`` decodes and collates batches in DataLoader workers, in the same order.
+The authors' recipe adds a cosine horizon apart from the training length (``schedule_steps``), a
+minimum improvement for early stopping, fp32 with a gradient scaler and a training logit scale apart
+from the evaluation one (``knots.config.schema.FinetuneConfig``); ``cfg`` is one task's settings, with
+its steps resolved (``knots.pipeline.training.task_recipe``).
 
 ``finetune.mode=full`` trains the dense weights of the same target modules instead of a LoRA
 (:mod:`knots.pipeline.full`), with the same recipe and cache.
@@ -25,7 +29,8 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +45,8 @@ from knots.models.base import Backbone, to_device
 from knots.pipeline.cache import META_NAME, is_complete
 from knots.pipeline.io import atomic_dir, torch_save, write_json
 from knots.pipeline.logger import NullLogger
-from knots.pipeline.training import (BestState, Logits, StepBatches, accuracy, autocast, collated_batches, lr_lambda,
-                                     resolve_precision)
+from knots.pipeline.training import (SCALED_PRECISIONS, BestState, Logits, StepBatches, accuracy, autocast,
+                                     collated_batches, lr_lambda, resolve_precision, warmup_length)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -62,23 +67,27 @@ class TrainedHeadSpec:
 TrainingHead = Head | TrainedHeadSpec
 
 
-def head_of(model: nn.Module, head: TrainingHead) -> Logits:
-    """``features -> logits`` of the model being trained (for a trained head, its live parameters)."""
+def head_of(model: nn.Module, head: TrainingHead, scale: float | None = None) -> Logits:
+    """``features -> logits`` of the model being trained (for a trained head, its live parameters);
+    ``scale`` replaces a zero-shot head's logit scale (``finetune.train_logit_scale``)."""
     if isinstance(head, Head):
         frozen = head.to(next(model.parameters()).device)
+        if scale is not None:
+            frozen = dataclasses.replace(frozen, scale=scale)
         return lambda features: frozen.logits(nn.functional.normalize(features, dim=-1))
     wrapper = model.get_submodule(f"base_model.model.{head.module}" if hasattr(model, "peft_config") else head.module)
     linear = wrapper.modules_to_save[wrapper.active_adapters[0]] if hasattr(wrapper, "modules_to_save") else wrapper
     return lambda features: head_logits(features, linear.weight, linear.bias, 1.0, head.mask)
 
 
-def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None) -> nn.Module:
-    """A copy of the backbone's encoder with fresh (seeded) LoRA layers and, for a trained head, a
-    fresh seeded head at ``<copy>.<head.module>`` saved by PEFT as ``modules_to_save``; the original
-    encoder stays untouched."""
+def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None, *,
+                 in_place: bool = False) -> nn.Module:
+    """A copy of the backbone's encoder (or, ``in_place``, the encoder itself) with fresh (seeded) LoRA
+    layers and, for a trained head, a fresh seeded head at ``<encoder>.<head.module>`` saved by PEFT as
+    ``modules_to_save``. Without ``in_place`` the original encoder stays untouched."""
     from peft import LoraConfig, get_peft_model
 
-    encoder = copy.deepcopy(backbone.encoder)
+    encoder = backbone.encoder if in_place else copy.deepcopy(backbone.encoder)
     if head is not None:
         setattr(encoder, head.module, init_head_module(backbone.feature_dim, head.num_classes, head.seed, head.bias)
                 .to(device=backbone.device))
@@ -93,6 +102,57 @@ def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec
         modules_to_save=[head.module] if head is not None else None,
     )
     return get_peft_model(encoder, config)
+
+
+def load_initial_state(model: nn.Module, source: str) -> None:
+    """Start from a saved adapter's LoRA (and head) instead of the fresh seeded ones: ``source`` is a PEFT
+    adapter directory or a hub id (e.g. the authors' shared ``hoffman-lab/KnOTS-Llama3_8B_lora_R16_pretrained_model``),
+    downloaded once into the Hugging Face cache. Every trained weight must be in it, with its shape."""
+    from peft import set_peft_model_state_dict
+
+    from knots.errors import AdapterError, ConfigError
+    from knots.lora import read_weights
+
+    path = Path(source)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(source, allow_patterns=["adapter_config.json", "adapter_model.*"]))
+        except Exception as error:  # offline and not cached, missing repo, auth: one line for the user
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(f"finetune.init_adapter: cannot get {source} from the Hugging Face hub or its cache ({reason})") from None
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        result = set_peft_model_state_dict(model, read_weights(path))
+    except RuntimeError as error:  # a shape mismatch
+        raise AdapterError(f"{path}: the initial adapter does not fit the model ({str(error).splitlines()[-1].strip()})") from None
+    missing = sorted(trained & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        problem = f"no weight for {missing[0]!r}" if missing else f"unexpected weight {result.unexpected_keys[0]!r}"
+        raise AdapterError(f"{path}: the initial adapter does not fit the model ({problem})")
+
+
+@contextmanager
+def training_model(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None,
+                   init: str | None = None) -> Iterator[nn.Module]:
+    """The backbone's encoder wrapped in place for training (:func:`peft_encoder`), optionally starting
+    from the adapter ``init`` (:func:`load_initial_state`): no copy of the model is made (an 8B model is not
+    copied). On exit, also after an error, PEFT's ``unload`` puts every base layer back in place of its
+    LoRA layer and the head is removed, so the encoder holds exactly the modules and (never trained)
+    weights it held before."""
+    encoder = backbone.encoder
+    was_training = encoder.training
+    model = peft_encoder(backbone, lora, seed, head, in_place=True)
+    try:
+        if init:
+            load_initial_state(model, init)
+        yield model
+    finally:
+        model.unload()
+        if head is not None and hasattr(encoder, head.module):
+            delattr(encoder, head.module)
+        encoder.train(was_training)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -120,6 +180,21 @@ def finetune(
     if is_complete(out_dir):
         info = json.loads((out_dir / META_NAME).read_text())
         return {**info, "reused": True}
+    spec = head if isinstance(head, TrainedHeadSpec) else None
+    if getattr(cfg, "mode", "lora") == "full":  # dense target weights (knots.pipeline.full), same recipe
+        from knots.pipeline.full import full_training_model
+
+        context = full_training_model(backbone, lora, spec)
+    else:
+        context = training_model(backbone, lora, cfg.seed, spec, getattr(cfg, "init_adapter", None))
+    with context as model:
+        return _train(model, backbone, task, head, cfg, out_dir, logger, progress, on_step, meta)
+
+
+def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingHead, cfg: Any, out_dir: Path,
+           logger: NullLogger | None, progress: bool, on_step: Callable[[int], None] | None,
+           meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The training loop of :func:`finetune` on ``model`` (the PEFT-wrapped encoder)."""
     logger = logger or NullLogger()
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
@@ -128,21 +203,13 @@ def finetune(
     precision = resolve_precision(cfg.precision, device)
     evaluating = bool(cfg.eval_every)
 
-    spec = head if isinstance(head, TrainedHeadSpec) else None
-    if getattr(cfg, "mode", "lora") == "full":  # dense target weights (knots.pipeline.full), same recipe
-        from knots.pipeline.full import full_encoder, save_full_update
-
-        torch.manual_seed(cfg.seed)
-        model = full_encoder(backbone, lora, spec)
-        save = lambda directory: save_full_update(model, backbone.encoder, directory, spec and spec.module)  # noqa: E731
-    else:
-        model = peft_encoder(backbone, lora, cfg.seed, spec)
-        save = lambda directory: model.save_pretrained(str(directory))  # noqa: E731
-    logits_of = head_of(model, head)
+    logits_of = head_of(model, head, cfg.train_logit_scale)
+    eval_logits_of = head_of(model, head)
     params = _trainable(model)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_length(cfg), cfg.schedule_steps or cfg.steps,
+                                                             getattr(cfg, "schedule", "cosine")))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision in SCALED_PRECISIONS)
     step, resumed_from, losses, best = 0, 0, [], BestState()
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -192,8 +259,8 @@ def finetune(
             acc = (logits.argmax(1) == target).float().mean().item() * 100
             logger.log({f"{prefix}step": step, f"{prefix}loss": loss.item(), f"{prefix}acc": acc, f"{prefix}lr": sched.get_last_lr()[0]})
         if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val = accuracy(model, backbone, task.validation, logits_of, cfg.eval_batch_size, precision, cfg.num_workers)
-            best.update(step, val, params)
+            val = accuracy(model, backbone, task.validation, eval_logits_of, cfg.eval_batch_size, precision, cfg.num_workers)
+            best.update(step, val, params, cfg.min_improvement)
             logger.log({f"{prefix}step": step, f"{prefix}val_acc": val, f"{prefix}best_val_acc": best.accuracy})
             stop = bool(cfg.patience) and best.bad_evals >= cfg.patience
         if step % cfg.checkpoint_every == 0 and step < cfg.steps and not stop:
@@ -225,7 +292,7 @@ def finetune(
         **(meta or {}),
     }
     with atomic_dir(out_dir) as tmp:
-        save(tmp)
+        model.save_pretrained(str(tmp))
         write_json(tmp / META_NAME, info)
     shutil.rmtree(partial, ignore_errors=True)
     return {**info, "reused": False}

@@ -11,8 +11,8 @@ as ``full_update.safetensors``, ``{"<module>.weight": W_i - W_0}`` in float32 an
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,34 +42,64 @@ def target_modules(encoder: nn.Module, lora: Any) -> list[str]:
     return names
 
 
-def full_encoder(backbone: Backbone, lora: Any, head: Any = None) -> nn.Module:
-    """A copy of the backbone's encoder whose target modules' weights (and, for a trained head, a fresh
-    seeded head at ``<copy>.<head.module>``) are the only trainable parameters; the original is untouched."""
-    encoder = copy.deepcopy(backbone.encoder)
+class FullTrainingModel(nn.Module):
+    """The backbone's encoder with its target modules' dense weights trainable (in place, no copy), and, for
+    a trained head, a fresh seeded head at ``<self>.<head module>``; :meth:`save_pretrained` writes
+    ``W_i - W_0`` from the original weights kept aside."""
+
+    def __init__(self, encoder: nn.Module, targets: list[str], head: nn.Module | None, head_module: str | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.targets = targets
+        self.head_module = head_module
+        if head is not None and head_module is not None:
+            setattr(self, head_module, head)
+        self.originals = {name: encoder.get_submodule(name).weight.detach().clone() for name in targets}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.encoder(*args, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``W_i - W_0`` of every target module (and the trained head, if any) to ``directory``."""
+        from knots.atomic import save_safetensors
+
+        tensors = {}
+        for name in self.targets:
+            trained = self.encoder.get_submodule(name).weight
+            tensors[f"{name}.weight"] = (trained.detach().float() - self.originals[name].float()).cpu().contiguous()
+        if self.head_module is not None:
+            for key, value in self.get_submodule(self.head_module).state_dict().items():
+                tensors[f"{HEAD_PREFIX}{self.head_module}.{key}"] = value.detach().float().cpu().contiguous()
+        save_safetensors(Path(directory) / UPDATE_NAME, tensors, metadata={"format": "knots-full-update"})
+
+
+@contextmanager
+def full_training_model(backbone: Backbone, lora: Any, head: Any = None) -> Iterator[FullTrainingModel]:
+    """The backbone's encoder set up in place for full finetuning of ``lora``'s target modules (every other
+    weight frozen), like :func:`knots.pipeline.finetune.training_model` for LoRA: no copy of the model is
+    made, only of the target weights. On exit, also after an error, the original weights, ``requires_grad``
+    flags and training mode are put back, so the encoder holds exactly what it held before."""
+    encoder = backbone.encoder
+    was_training = encoder.training
+    grads = {name: p.requires_grad for name, p in encoder.named_parameters()}
     names = target_modules(encoder, lora)
-    for parameter in encoder.parameters():
-        parameter.requires_grad_(False)
-    for name in names:
-        encoder.get_submodule(name).weight.requires_grad_(True)
+    linear = None
     if head is not None:
-        setattr(encoder, head.module, init_head_module(backbone.feature_dim, head.num_classes, head.seed, head.bias)
-                .to(device=backbone.device))
-    encoder.knots_full_targets = names  # type: ignore[assignment]
-    return encoder
-
-
-def save_full_update(model: nn.Module, base: nn.Module, directory: Path, head_module: str | None = None) -> None:
-    """Write ``W_i - W_0`` of every target module (and the trained head, if any) to ``directory``."""
-    from knots.atomic import save_safetensors
-
-    tensors = {}
-    for name in model.knots_full_targets:  # type: ignore[attr-defined]
-        trained, original = model.get_submodule(name).weight, base.get_submodule(name).weight
-        tensors[f"{name}.weight"] = (trained.detach().float() - original.detach().float()).cpu().contiguous()
-    if head_module is not None:
-        for key, value in model.get_submodule(head_module).state_dict().items():
-            tensors[f"{HEAD_PREFIX}{head_module}.{key}"] = value.detach().float().cpu().contiguous()
-    save_safetensors(directory / UPDATE_NAME, tensors, metadata={"format": "knots-full-update"})
+        linear = init_head_module(backbone.feature_dim, head.num_classes, head.seed, head.bias).to(device=backbone.device)
+    model = FullTrainingModel(encoder, names, linear, head.module if head is not None else None)
+    try:
+        for parameter in encoder.parameters():
+            parameter.requires_grad_(False)
+        for name in names:
+            encoder.get_submodule(name).weight.requires_grad_(True)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in model.originals.items():
+                encoder.get_submodule(name).weight.copy_(original)
+        for name, parameter in encoder.named_parameters():
+            parameter.requires_grad_(grads[name])
+        encoder.train(was_training)
 
 
 def load_full_update(path: str | Path, tensors: bool = True) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from knots.analyses.figures import results_figures, write_figures
 from knots.config.schema import RunConfig
 from knots.methods import MergeInputs
 from knots.modelpool import ModelPool
-from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path
+from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path, fixed_normalizers
 from knots.pipeline.cache import plain_for_key
 from knots.pipeline.logger import make_logger
 from knots.pipeline.report import results_table, write_results
@@ -42,6 +42,8 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
     tasks = TaskPool.load(cfg.benchmark)
     models = ModelPool.build(cfg.model, cfg.device)
     zero_shot = None if models.trains_heads else tasks.zero_shot_heads(models.backbone)
+    for line in tasks.describe_splits():
+        log.info(line)
     logger = make_logger(cfg.logger, output_dir, config, name=output_dir.name)
     seconds: dict[str, float] = {}
     exit_code = 1
@@ -62,6 +64,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
             "selection_metric": cfg.search.metric,
             "search": cfg.search.strategy,
             "examples": tasks.sizes(),
+            "splits": tasks.split_info(),
             "adapters": [{k: a.info.get(k) for k in ("task", "path", "reused", "resumed_from")} for a in adapters],
             "seconds": seconds,
         }
@@ -78,8 +81,9 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
         data = tasks.eval_sets(models.backbone, cfg.finetune.eval_batch_size)
         definitions = {n: plain_for_key(cfg.benchmark.tasks[n]) for n in cfg.benchmark.task_names}
         caches = [feature_cache_path(cfg.paths.cache_dir, a, definitions, cfg.finetune.eval_batch_size, heads.kind) for a in adapters]
-        finetuned = evaluate_finetuned(models.backbone, heads, data, adapters, caches, cfg.progress)
+        finetuned = evaluate_finetuned(models.backbone, heads, data, adapters, caches, cfg.progress, fixed_normalizers(cfg))
         seconds["evaluate_finetuned"] = time.perf_counter() - t
+        meta["normalizers"] = {"source": cfg.normalizers, **finetuned.normalizers}
 
         evaluator = Evaluator(models.backbone, heads, data, finetuned, cfg.progress)
         inputs = MergeInputs(adapters, models.backbone, tasks.tasks, cfg.finetune.eval_batch_size, cfg.progress, heads=heads)

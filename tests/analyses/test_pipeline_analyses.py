@@ -150,7 +150,7 @@ def test_full_finetuning_mode(compose_run, tmp_path):
         to_run_config(compose_run("finetune.mode=full"))
     with pytest.raises(ConfigError, match="finetune.mode"):
         to_run_config(compose_run("finetune.mode=dense", "stage=finetune"))
-    cfg = to_run_config(compose_run("logger=none", "stage=finetune", "finetune.mode=full", "model.head.kind=trained",
+    cfg = to_run_config(compose_run("logger=none", "stage=finetune", "finetune.mode=full", "model.head.kind=trained", "methods=[ta]",
                                     "benchmark.select=[mood,topic]"))
     first = run_experiment(cfg, tmp_path / "first")
     again = run_experiment(cfg, tmp_path / "again")
@@ -158,7 +158,7 @@ def test_full_finetuning_mode(compose_run, tmp_path):
     assert [a["reused"] for a in again["meta"]["adapters"]] == [True, True]
     from safetensors.torch import load_file
 
-    lora = to_run_config(compose_run("logger=none", "stage=finetune", "model.head.kind=trained", "benchmark.select=[mood,topic]"))
+    lora = to_run_config(compose_run("logger=none", "stage=finetune", "model.head.kind=trained", "methods=[ta]", "benchmark.select=[mood,topic]"))
     lora_run = run_experiment(lora, tmp_path / "lora")
     assert lora_run["meta"]["adapters"][0]["path"] != first["meta"]["adapters"][0]["path"]  # the mode is in the cache key
     modules = sorted(load_adapter(lora_run["meta"]["adapters"][0]["path"]).modules)
