@@ -46,10 +46,11 @@ class Analysis:
     name: str
     run: AnalysisFunction
     reference: str
-    check: Callable[[dict[str, Any]], None] | None = None
+    check: Callable[[dict[str, Any], Any], None] | None = None
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        """Fail before any work on an option the analysis does not take, or on an invalid value."""
+    def check_options(self, options: dict[str, Any], cfg: Any = None) -> None:
+        """Fail before any work on an option the analysis does not take, on an invalid value, or where the
+        analysis does not apply to the run ``cfg`` (when given)."""
         import inspect
 
         parameters = list(inspect.signature(self.run).parameters.values())[1:]
@@ -59,7 +60,7 @@ class Analysis:
                 if key not in known:
                     raise ConfigError(f"analysis {self.name} has no option {key!r} (its options: {', '.join(known) or 'none'})")
         if self.check is not None:
-            self.check(options)
+            self.check(options, cfg)
 
     @property
     def summary(self) -> str:
@@ -69,10 +70,11 @@ class Analysis:
 _REGISTERED: dict[str, Analysis] = {}
 
 
-def register_analysis(name: str, reference: str = "", check: Callable[[dict[str, Any]], None] | None = None
+def register_analysis(name: str, reference: str = "", check: Callable[[dict[str, Any], Any], None] | None = None
                       ) -> Callable[[AnalysisFunction], AnalysisFunction]:
-    """Register ``function(context, **options) -> dict`` as analysis ``name``; ``check(options)``
-    validates option values before any work (raising ``ConfigError``)."""
+    """Register ``function(context, **options) -> dict`` as analysis ``name``; ``check(options, cfg)``
+    validates option values before any work, and refuses a run (``cfg``, the run config, or None when
+    only the options are checked) the analysis does not apply to, raising ``ConfigError``."""
 
     def decorator(function: AnalysisFunction) -> AnalysisFunction:
         if name in _REGISTERED:

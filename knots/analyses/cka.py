@@ -412,10 +412,7 @@ def full_deltas(context: AnalysisContext, overrides: Mapping[str, Any]) -> tuple
     from knots.pipeline.full import full_finetune_stage
 
     cfg = context.cfg
-    try:
-        finetune_cfg = dataclasses.replace(cfg.finetune, **{**overrides, "mode": "full"})
-    except TypeError as error:
-        raise ConfigError(f"cka full_finetune: {error}") from None
+    finetune_cfg = full_settings(cfg.finetune, overrides)
     finetune_cfg.validate()
     zero_shot = None if context.models.trains_heads else context.evaluator.heads
     updates = full_finetune_stage(context.models, context.tasks, zero_shot, cfg, finetune_cfg, context.logger)
@@ -464,8 +461,9 @@ def stream_inputs(backbone: Any, data: Any, accumulator: CKAAccumulator, progres
             handle.remove()
 
 
-def check(options: Mapping[str, Any]) -> None:
-    """The cka analysis's options, checked before any work."""
+def check(options: Mapping[str, Any], cfg: Any = None) -> None:
+    """The cka analysis's options, checked before any work; with the run config ``cfg``, also the full
+    view's finetuning settings (the run's, ``full_finetune`` on top, ``mode: full``)."""
     from knots.config.schema import FinetuneConfig
 
     views = list(options.get("views", VIEWS))
@@ -479,6 +477,19 @@ def check(options: Mapping[str, Any]) -> None:
     for key in options.get("full_finetune") or {}:
         if key not in settings:
             raise ConfigError(f"cka full_finetune: unknown finetuning setting {key!r}; known: {', '.join(sorted(settings))}")
+    if cfg is not None and "full" in views:
+        try:
+            full_settings(cfg.finetune, options.get("full_finetune") or {}).validate()
+        except ConfigError as error:
+            raise ConfigError(f"cka view full (analysis_params.cka.full_finetune): {error}") from None
+
+
+def full_settings(finetune: Any, overrides: Mapping[str, Any]) -> Any:
+    """The full view's finetuning settings: the run's ``finetune``, ``overrides`` on top, ``mode: full``."""
+    try:
+        return dataclasses.replace(finetune, **{**overrides, "mode": "full"})
+    except TypeError as error:
+        raise ConfigError(f"cka full_finetune: {error}") from None
 
 
 @register_analysis("cka", reference="Kornblith et al., ICML 2019 (linear CKA); Stoica, Ramesh et al., ICLR 2025, Sec. 3, Fig. 2",
@@ -488,7 +499,7 @@ def cka_analysis(context: AnalysisContext, views: Sequence[str] = VIEWS, full_fi
     """Linear CKA between the tasks' update outputs (full finetuning, LoRA, KnOTS) on the validation inputs."""
     from knots.analyses.figures import cka_figure, write_figures
 
-    check({"views": views, "full_finetune": full_finetune, "modules_per_pass": modules_per_pass})
+    check({"views": views, "full_finetune": full_finetune, "modules_per_pass": modules_per_pass}, context.cfg)
     views = [v for v in VIEWS if v in views]
     seconds: dict[str, float] = {}
     taskset = context.inputs.session.taskset

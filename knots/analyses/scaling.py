@@ -157,8 +157,8 @@ def summarize_scaling(
 # -- the registered analysis ----------------------------------------------------------------------
 def subset_evaluator(evaluator: Any, names: Sequence[str]) -> Any:
     """The run's evaluator restricted to tasks ``names``: their inputs (batches already collated),
-    their heads (no joint head: the joint task is not scored on subsets) and the finetuned models'
-    features of those inputs, cut from the cached ones (nothing is recomputed)."""
+    their heads (no joint head: the joint task is not scored on subsets), the finetuned models'
+    features of those inputs, cut from the cached ones (nothing is recomputed), and the run's normalizers."""
     from knots.heads import HeadSet
     from knots.pipeline.evaluate import Evaluator, FinetunedOutputs
 
@@ -171,7 +171,7 @@ def subset_evaluator(evaluator: Any, names: Sequence[str]) -> Any:
         rows = torch.cat([torch.arange(full.slices[n].start, full.slices[n].stop) for n in order])
         features[split] = [evaluator.finetuned.features[split][i][rows] for i in models]
     heads = HeadSet(evaluator.heads.kind, {n: evaluator.heads.per_task[n] for n in order}, evaluator.heads.normalize)
-    finetuned = FinetunedOutputs(features, {n: evaluator.finetuned.accuracies[n] for n in order})
+    finetuned = FinetunedOutputs(features, {n: evaluator.finetuned.accuracies[n] for n in order}, evaluator.finetuned.fixed)
     return Evaluator(evaluator.backbone, heads, data, finetuned, progress=False)
 
 
@@ -195,9 +195,10 @@ def scaling_search(run_search: Any, overrides: Mapping[str, Any] | None) -> Any:
     return search
 
 
-def check(options: Mapping[str, Any]) -> None:
-    """The scaling analysis's options, checked before any work (the sizes' upper bound at run time)."""
-    from knots.config.schema import SEARCH_STRATEGIES
+def check(options: Mapping[str, Any], cfg: Any = None) -> None:
+    """The scaling analysis's options, checked before any work; with the run config ``cfg``, also the
+    sizes' upper bound and the methods' heads (the sizes' bound is checked again at run time)."""
+    from knots.config.schema import SEARCH_STRATEGIES, ZERO_SHOT_ONLY_METHODS
     from knots.methods import method_names
 
     known = method_names()
@@ -219,6 +220,16 @@ def check(options: Mapping[str, Any]) -> None:
         raise ConfigError(f"scaling search: unknown setting {unknown[0]!r}; expected strategy, patience or ranges")
     if "strategy" in search and search["strategy"] not in SEARCH_STRATEGIES:
         raise ConfigError(f"scaling search.strategy: unknown {search['strategy']!r}; expected one of {SEARCH_STRATEGIES}")
+    if cfg is None:
+        return
+    n_tasks = len(cfg.benchmark.task_names)
+    if any(n > n_tasks for n in options.get("sizes") or ()):
+        raise ConfigError(f"scaling sizes must lie in 2..{n_tasks} (the run's tasks), got {list(options['sizes'])}")
+    if cfg.model.head.kind == "trained":
+        for name in methods:
+            if name in ZERO_SHOT_ONLY_METHODS:
+                raise ConfigError(f"scaling: method {name} needs zero-shot heads (this run trains a head per task): "
+                                  f"drop it from analysis_params.scaling.methods")
 
 
 @register_analysis("scaling", reference="Stoica, Ramesh et al., ICLR 2025, Sec. 5.4, Fig. 3", check=check)
@@ -234,7 +245,7 @@ def scaling_analysis(context: AnalysisContext, methods: Sequence[str] = ("ta", "
     from knots.pipeline.stages import search_method, test_method
 
     cfg = context.cfg
-    check({"methods": methods, "max_subsets": max_subsets, "sizes": sizes, "confidence": confidence, "search": search})
+    check({"methods": methods, "max_subsets": max_subsets, "sizes": sizes, "confidence": confidence, "search": search}, cfg)
     tasks = [t.name for t in context.tasks.tasks]
     if sizes is not None and any(not 2 <= n <= len(tasks) for n in sizes):
         raise ConfigError(f"scaling sizes must lie in 2..{len(tasks)}, got {list(sizes)}")

@@ -475,6 +475,8 @@ class RunConfig:
         from knots.methods.config import ensure_registered
 
         _check(self.stage in STAGES, f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        _check(self.stage == "all" or not self.analyses,
+               f"analyses run after the merges, which stage={self.stage} does not reach: drop analyses or use stage=all")
         _check(self.finetune.mode == "lora" or self.stage == "finetune",
                "finetune.mode=full trains full-finetuning updates, which only the cka analysis reads (merging needs "
                "LoRA adapters): use it with stage=finetune to fill the cache")
@@ -503,7 +505,7 @@ class RunConfig:
         known_analyses = analysis_names()
         for a in self.analyses:
             _check(a in known_analyses, f"unknown analysis {a!r}; known: {', '.join(known_analyses) or 'none'}")
-            get_analysis(a).check_options(analysis_options(a, self.analysis_params.get(a), self.config_dirs))
+            get_analysis(a).check_options(analysis_options(a, self.analysis_params.get(a), self.config_dirs), self)
         if self.finetune.precision in ("bf16", "fp16"):
             _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:

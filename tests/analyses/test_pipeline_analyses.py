@@ -123,10 +123,69 @@ def test_cka_and_scaling_end_to_end(compose_run, tmp_path):
     ("analyses=[scaling] +analysis_params.scaling.max_subsets=0", "max_subsets must be >= 1"),
     ("analyses=[scaling] +analysis_params.scaling.search.strategy=random", "search.strategy"),
     ("analyses=[scaling] +analysis_params.scaling.search.metric=joint_hits@3", "unknown setting 'metric'"),
+    # where an analysis does not apply to the run
+    ("analyses=[scaling] +analysis_params.scaling.sizes=[2,4]", r"scaling sizes must lie in 2\.\.3 \(the run's tasks\)"),
+    ("analyses=[scaling] model.head.kind=trained +analysis_params.scaling.methods=[ta,ensemble]",
+     "scaling: method ensemble needs zero-shot heads"),
+    ("analyses=[cka] +analysis_params.cka.full_finetune.lr=-1", r"cka view full .*finetune.lr must be > 0"),
+    ("analyses=[cka] +finetune.init_adapter=some/adapter", r"cka view full .*finetune.init_adapter"),
+    ("analyses=[cka] stage=finetune", "analyses run after the merges, which stage=finetune does not reach"),
 ])
 def test_analysis_options_are_checked_before_any_work(compose_run, overrides, message):
     with pytest.raises(ConfigError, match=message):
         to_run_config(compose_run("logger=none", "methods=[ta]", *overrides.split()))
+
+
+def test_the_full_view_can_be_left_out_where_it_does_not_apply(compose_run):
+    """A run whose LoRAs start from a saved adapter has no full-finetuning counterpart: the other views
+    still apply (and so does the full view with the start dropped for it)."""
+    to_run_config(compose_run("logger=none", "methods=[ta]", "analyses=[cka]", "+finetune.init_adapter=some/adapter",
+                              "+analysis_params.cka.views=[lora,knots]"))
+    to_run_config(compose_run("logger=none", "methods=[ta]", "analyses=[cka]", "+finetune.init_adapter=some/adapter",
+                              "+analysis_params.cka.full_finetune.init_adapter=null"))
+
+
+def test_analyses_with_trained_heads(compose_run, tmp_path):
+    """With a head trained per task (the text6_heads and Llama protocol), CKA compares the LoRA targets only
+    (the heads are not updates of a shared weight) and each scaling subset is scored with its tasks' own
+    heads, as a direct merge and evaluation gives; the run's normalizers are kept on subsets."""
+    from safetensors.torch import load_file
+
+    from knots.analyses.scaling import subset_evaluator
+    from knots.merging import MergeSession
+    from knots.methods import MergedModel
+    from knots.pipeline.evaluate import Evaluator, FinetunedOutputs, evaluate_finetuned
+
+    cfg = to_run_config(compose_run("logger=none", "methods=[ties]", "model.head.kind=trained", "analyses=[cka,scaling]",
+                                    "+analysis_params.scaling.methods=[ties,knots_ties]"))
+    results = run_experiment(cfg, tmp_path / "run")
+    cka, scaling = results["analyses"]["cka"], results["analyses"]["scaling"]
+    assert cka["modules"] == 8 and set(cka["mean_pairwise"]) == {"full", "lora", "knots"}
+    assert all(torch.allclose(torch.tensor(m).diagonal(), torch.ones(3), atol=1e-6) for m in cka["views"].values())
+    first = load_file(f"{cka['full_finetuning'][0]['path']}/{UPDATE_NAME}")  # the trained head is kept apart
+    assert any(k.startswith("head.") for k in first) and len(load_full_update(cka["full_finetuning"][0]["path"])) == 8
+    assert list(scaling["methods"]) == ["ties", "knots_ties"]
+    assert [p["n"] for p in scaling["methods"]["knots_ties"]] == [2, 3]
+
+    tasks, models = pools(cfg)
+    data = tasks.eval_sets(models.backbone, cfg.finetune.eval_batch_size)
+    loaded = [models.load(t, a["path"]) for t, a in zip(tasks.tasks, results["meta"]["adapters"])]
+    heads = models.heads(tasks.tasks, loaded, None)
+    assert heads.joint is None and not heads.normalize
+    finetuned = evaluate_finetuned(models.backbone, heads, data, loaded, [None] * 3)
+    evaluator = Evaluator(models.backbone, heads, data, finetuned)
+    subset = next(s for s in scaling["subsets"]["knots_ties"] if s["tasks"] == ["topic", "review"])
+    chosen = [a.adapter for a in loaded if a.task in subset["tasks"]]
+    delta = MergeSession(chosen).merge("knots_ties", **subset["hyperparameters"]).delta_state_dict()
+    summary = evaluator.summary("test", MergedModel(delta))
+    direct = sum(summary["per_task"][t]["normalized_accuracy"] for t in subset["tasks"]) / 2
+    assert subset["score"] == pytest.approx(direct, abs=1e-6)
+
+    fixed = Evaluator(models.backbone, heads, data, FinetunedOutputs(finetuned.features, finetuned.accuracies,
+                                                                     {"mood": 50.0, "topic": 40.0, "review": 80.0}))
+    cut = subset_evaluator(fixed, ["mood", "review"])
+    assert cut.finetuned.normalizers["test"] == {"mood": 50.0, "review": 80.0}
+    assert list(cut.heads.per_task) == ["mood", "review"] and cut.heads.joint is None
 
 
 @pytest.mark.parametrize("heads", ["zero_shot", "trained"])
