@@ -214,10 +214,10 @@ def search_figure(histories: Mapping[str, Sequence[tuple[Mapping[str, Any], floa
             ax.plot([best_value], [best_score], marker="*", markersize=13, color="#000000", linestyle="none",
                     label=f"best {name}={best_value:g}")
             ax.set_xlabel(name)
-            ax.set_ylabel(ylabel)
             ax.set_title(_label(method), fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="best")
+    figure.supylabel(ylabel, fontsize=10)  # one label for every panel (per panel they crowd the columns)
     return figure
 
 
@@ -275,5 +275,5 @@ def per_task_figure(per_task: Mapping[str, Mapping[str, float | None]], tasks: S
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(fontsize=8, ncols=min(len(methods) + 1, 4), loc="upper center", bbox_to_anchor=(0.5, -0.15 if len(groups) > 6 else -0.08))
+    ax.legend(fontsize=8, ncols=min(len(methods) + 1, 4), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above: clear of the tick labels
     return figure

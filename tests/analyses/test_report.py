@@ -69,6 +69,12 @@ def test_paper_numbers_file_is_consistent():
                 assert set(entry["per_task"]) == set(benchmark.tasks)
                 assert sum(entry["per_task"].values()) / len(benchmark.tasks) == pytest.approx(entry["average"], abs=0.15), method
     assert vitb.finetuned_accuracy() == pytest.approx(84.05)
+    # the vision normalizers that runs use (normalizers=paper) are the same numbers, from the same file
+    from knots.vision.paper import FINETUNED_ACCURACY
+
+    for model, arch in (("clip-vit-b-32", "ViT-B-32"), ("clip-vit-l-14", "ViT-L-14")):
+        shown = paper.find(VISION, model).finetuned["test_accuracy"]
+        assert shown == pytest.approx({t: round(v, 2) for t, v in FINETUNED_ACCURACY[arch].items()}, abs=1e-9), model
     assert vitb.hits("knots_ties", "hits@3") == 67.2 and vitb.normalized("ties", "mnist") == 56.8
 
 
@@ -200,9 +206,10 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert main([str(run), "--quiet", "--overwrite"]) == 0
 
 
-def test_module_entry_point(tmp_path):
+@pytest.mark.parametrize("module", ["knots.report", "knots.cli.report"])
+def test_module_entry_point(tmp_path, module):
     run = write_run(tmp_path / "run", results(["a", "b"], "text6", "minilm"))
-    out = subprocess.run([sys.executable, "-m", "knots.report", str(run), "--out", str(tmp_path / "rep")], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", module, str(run), "--out", str(tmp_path / "rep")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("# knots-report") and (tmp_path / "rep" / "report.tex").is_file()
 
