@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 #: One labelled example: (input, class index within its task).
@@ -19,7 +20,12 @@ SPLITS = ("train", "validation", "test")
 
 
 class LazyInput(ABC):
-    """An input read only when a batch needs it (e.g. an image decoded from a dataset on demand)."""
+    """An input read only when a batch needs it (e.g. an image decoded from a dataset on demand).
+
+    Caches key on its ``identity()`` if it defines one (plain data naming the input, e.g. a dataset
+    fingerprint and a row index), else on its dataclass fields, else on the loaded input
+    (:mod:`knots.data.digest`).
+    """
 
     @abstractmethod
     def load(self) -> Any:
@@ -128,6 +134,14 @@ class TaskData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the resolved rows (inputs and labels of every split): what caches are keyed on
+        (see :mod:`knots.data.digest`; lazy inputs count by a stable identity, without being read)."""
+        from knots.data.digest import task_digest
+
+        return task_digest({name: self.split(name) for name in SPLITS})
 
     def split(self, name: str) -> Sequence[Example]:
         """The examples of split ``name`` (one of ``SPLITS``)."""
