@@ -7,6 +7,7 @@ task), so both evaluations cost one forward pass.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from knots.data.tasks import SPLITS, TaskData
 from knots.heads import HeadSet
 from knots.metrics import ENSEMBLE_RULES, accuracy, joint_hits
 from knots.models.base import Backbone, to_device
+
+log = logging.getLogger("knots.pipeline")
 
 
 class EvalSet:
@@ -104,7 +107,10 @@ class TaskPool:
         names = benchmark.task_names
         for name in names:
             check_source(benchmark.tasks[name], name)
-        return cls([build_task(name, benchmark.tasks[name]) for name in names])
+        pool = cls([build_task(name, benchmark.tasks[name]) for name in names])
+        for task in pool.tasks:
+            log.info("task %s: %s", task.name, describe_counts(task.row_counts))
+        return pool
 
     @property
     def names(self) -> list[str]:
@@ -122,3 +128,16 @@ class TaskPool:
     def sizes(self) -> dict[str, dict[str, int]]:
         """Examples per task and split (for the run log and results.json)."""
         return {t.name: {s: len(t.split(s)) for s in SPLITS} for t in self.tasks}
+
+    def row_counts(self) -> dict[str, dict[str, Any]]:
+        """Per task: rows read, rows dropped (matching no class, repeated), examples per class (results.json)."""
+        return {t.name: t.row_counts for t in self.tasks}
+
+
+def describe_counts(counts: dict[str, Any]) -> str:
+    """One line for the log: rows read, what was dropped, examples per class."""
+    if not counts:
+        return "no row counts"
+    per_class = ", ".join(f"{name} {n}" for name, n in counts["per_class"].items())
+    return (f"{counts['rows']} rows, {counts['unmatched']} matching no class and {counts['repeated']} repeated "
+            f"(dropped); examples per class: {per_class}")

@@ -110,6 +110,9 @@ class TaskData:
         class_mask: per class, whether the task has it (None: all). A task inside a shared label
             space that lacks some classes (a two-class task in a three-way space) masks them out of
             its logits, in training and evaluation.
+        row_counts: what reading the task found (for the log and results.json): ``rows`` read,
+            rows that match no class (``unmatched``) and ``repeated`` inputs, both dropped, and the
+            examples ``per_class`` before splitting.
     """
 
     name: str
@@ -120,6 +123,7 @@ class TaskData:
     test: Sequence[Example]
     label_keys: list[str] = field(default_factory=list)
     class_mask: list[bool] | None = None
+    row_counts: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.label_keys:

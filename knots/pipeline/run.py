@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from knots.analyses import AnalysisContext
-from knots.config.schema import RunConfig
+from knots.config.schema import RunConfig, check_device
 from knots.methods import MergeInputs
 from knots.modelpool import ModelPool
 from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path
@@ -30,6 +30,7 @@ log = logging.getLogger("knots.pipeline")
 
 def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the configured stages and write results.json / results.md to ``output_dir``; return the results."""
+    check_device(cfg.device)
     check_cache_dir(cfg.paths.cache_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
             "selection_metric": cfg.search.metric,
             "search": cfg.search.strategy,
             "examples": tasks.sizes(),
+            "rows": tasks.row_counts(),
             "adapters": [{k: a.info.get(k) for k in ("task", "path", "status", "reused", "resumed_from")} for a in adapters],
             "seconds": seconds,
         }
