@@ -3,8 +3,10 @@
 Usage: ``python -m experiments.collect <multirun dir> [--out DIR]``
 
 Every job directory holding a ``results.json`` gives one row per method, labelled by the job's
-overrides (from ``.hydra/overrides.yaml``); jobs without results are listed as failed. Writes
-``comparison.md`` and ``comparison.tex`` into the sweep directory (or ``--out``) and prints the markdown.
+overrides (from ``.hydra/overrides.yaml``); jobs without results are listed as failed, with the path of
+their scheduler log when the sweep ran through a submitit launcher (``hydra/launcher=slurm`` or
+``local``: ``<sweep>/.submitit/<job id>/``). Writes ``comparison.md`` and ``comparison.tex`` into the
+sweep directory (or ``--out``) and prints the markdown.
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ def job_overrides(job: Path) -> list[str]:
     return [str(i) for i in OmegaConf.to_container(OmegaConf.load(path)) or []]
 
 
+def submitit_log(sweep: Path, job: Path) -> Path | None:
+    """The stderr log a submitit launcher kept for ``job`` (its id is Hydra's ``hydra.job.id``), if any."""
+    path = job / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    job_id = OmegaConf.select(OmegaConf.load(path), "hydra.job.id", default=None)
+    logs = sorted((sweep / ".submitit" / str(job_id)).glob("*_log.err")) if job_id else []
+    return logs[0] if logs else None
+
+
 def job_labels(jobs: list[Path]) -> dict[Path, str]:
     """Each job's label: its overrides that differ across the sweep (else the job directory's name)."""
     overrides = {job: job_overrides(job) for job in jobs}
@@ -44,7 +58,8 @@ def collect(sweep: Path) -> tuple[list[list[Any]], list[str]]:
     for job in jobs:
         result = job / "results.json"
         if not result.is_file():
-            failed.append(labels[job])
+            log = submitit_log(sweep, job)
+            failed.append(labels[job] + (f" (log: {log.relative_to(sweep)})" if log else ""))
             continue
         data = json.loads(result.read_text())
         for method, m in data["methods"].items():

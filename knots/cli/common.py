@@ -159,7 +159,7 @@ def one_line_errors(program: str, raise_in_sweep: bool = False) -> Callable[[Cal
                 FAILED_JOBS.append(f"job {job}: {one_line(message)}")
                 print(f"{program}: error: {FAILED_JOBS[-1]}", file=sys.stderr, flush=True)
                 if raise_in_sweep:
-                    raise JobFailed(f"{program}: error: {FAILED_JOBS[-1]}") from None
+                    raise JobFailed(f"{program}: error: {one_line(message)} (job {job} of the sweep)") from None
                 return None  # type: ignore[return-value]
 
         return wrapper

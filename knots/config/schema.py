@@ -118,6 +118,23 @@ class HeadSettings:
 
 
 @dataclass
+class ResourcesConfig:
+    """What one job of this model asks a cluster for (read by conf/hydra/launcher/*.yaml; the command
+    line's ``hydra.launcher.*`` wins)."""
+
+    gpus: int | None = None
+    cpus: int = 1
+    mem_gb: int | None = None
+    time_min: int = 60
+
+    def validate(self) -> None:
+        _check(self.gpus is None or self.gpus >= 0, f"model.resources.gpus must be >= 0 or null, got {self.gpus}")
+        _check(self.cpus >= 1, f"model.resources.cpus must be >= 1, got {self.cpus}")
+        _check(self.mem_gb is None or self.mem_gb >= 1, f"model.resources.mem_gb must be >= 1 or null, got {self.mem_gb}")
+        _check(self.time_min >= 1, f"model.resources.time_min must be >= 1, got {self.time_min}")
+
+
+@dataclass
 class ModelConfig:
     """The model pool's backbone: ``backbone`` is instantiated (``_target_``) with ``name``."""
 
@@ -125,6 +142,7 @@ class ModelConfig:
     backbone: dict[str, Any] = MISSING
     lora: LoraSettings = field(default_factory=LoraSettings)
     head: HeadSettings = field(default_factory=HeadSettings)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def validate(self) -> None:
         _check_target(self.backbone, f"model {self.name}: backbone")
@@ -330,7 +348,7 @@ class LoggerConfig:
     mode: str = MISSING
     project: str = "knots"
     entity: str | None = None
-    group: str | None = None
+    group: str | None = MISSING
     tags: list[str] = field(default_factory=list)
 
     def validate(self) -> None:

@@ -1,4 +1,5 @@
-"""Merging LoRA adapters: KnOTS alignment, the task-arithmetic family, sessions and export."""
+"""Merging LoRA adapters: KnOTS alignment, the Core Space, the task-arithmetic family, spectral merges
+(Iso-C, Iso-CTS, TSV-M), sessions and export."""
 
 from knots.merging import methods as _methods  # noqa: F401  (registers the built-in methods)
 from knots.merging.alignment import Ingredients, ModuleAlignment, align, align_module

@@ -7,6 +7,9 @@ Row orientation (the paper's ablation): ``M = [dW_1; ...; dW_n]`` with a shared 
 
 The factored path never forms ``M``: ``M = [B_1 .. B_n] blockdiag(A_1 .. A_n)``, so a thin QR of the
 stacked ``B`` and of each ``A_i^T`` reduces the SVD to one of a small ``(nr x nr)`` core.
+
+Both paths fix each component's sign the same way (:func:`canonical_signs`), so the aligned blocks, and
+every merge of them, do not depend on which SVD routine ran.
 """
 
 from __future__ import annotations
@@ -22,25 +25,57 @@ from knots.errors import AdapterError
 from knots.lora import LoraModule
 from knots.merging.taskset import TaskSet
 
-Orientation = Literal["column", "row"]
+#: The decomposition an :class:`Ingredients` holds: the KnOTS alignment by columns (the paper) or rows
+#: (its ablation), or the Core Space basis (:mod:`knots.merging.core`).
+Orientation = Literal["column", "row", "core"]
 SvdPath = Literal["factored", "dense"]
 SINGULAR_VALUE_TOLERANCE = 1e-5
+SIGN_TIE_RTOL = 1e-6
 
 
 @dataclass
 class ModuleAlignment:
-    """``dW_i = U @ blocks[i]`` (column) or ``dW_i = (U @ blocks[i]).T`` (row).
+    """``dW_i = U @ blocks[i]`` (column), ``dW_i = (U @ blocks[i]).T`` (row), or
+    ``dW_i = U @ blocks[i] @ V`` when a right basis ``V`` is given (the Core Space).
 
-    ``U``: ``(d, k)`` orthonormal columns; ``blocks``: ``(n_tasks, k, d')``, each ``S V_i^T``.
+    ``U``: ``(d, k)`` orthonormal columns; ``blocks``: ``(n_tasks, k, d')``, each ``S V_i^T`` (KnOTS)
+    or each task's ``(k, k')`` core; ``V``: ``(k', in)`` orthonormal rows, or None.
     """
 
     U: torch.Tensor
     blocks: torch.Tensor
     singular_values: torch.Tensor
+    V: torch.Tensor | None = None
 
     @property
     def components(self) -> int:
         return self.U.shape[1]
+
+    def to(self, dtype: torch.dtype) -> "ModuleAlignment":
+        return ModuleAlignment(
+            U=self.U.to(dtype),
+            blocks=self.blocks.to(dtype),
+            singular_values=self.singular_values.to(dtype),
+            V=None if self.V is None else self.V.to(dtype),
+        )
+
+
+def canonical_signs(U: torch.Tensor) -> torch.Tensor:
+    """One sign per column of ``U`` that makes its largest-magnitude entry positive.
+
+    An SVD fixes every component only up to its sign, and different routines (or the factored and
+    dense paths) pick different ones. Multiplying column ``j`` of ``U`` and row ``j`` of ``S V^T`` by
+    ``signs[j]`` leaves the decomposition exact and makes it the same whichever routine ran.
+    """
+    if U.numel() == 0:
+        return torch.ones(U.shape[1], dtype=U.dtype)
+    # Entries within a relative 1e-6 of the column's largest magnitude count as tied, and the first
+    # of them decides, so that rounding differences between routines cannot change the choice.
+    magnitudes = U.abs()
+    near_max = magnitudes >= magnitudes.max(dim=0).values * (1 - SIGN_TIE_RTOL)
+    rows = near_max.to(torch.int8).argmax(dim=0)
+    signs = torch.sign(U.gather(0, rows[None, :])[0])
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def factor_pairs(row: list[LoraModule | None], orientation: Orientation, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -67,6 +102,8 @@ def align_factored(pairs: list[tuple[torch.Tensor, torch.Tensor] | None], tolera
     keep = singular > tolerance
     u_core, singular, vt_core = u_core[:, keep], singular[keep], vt_core[keep]
     U = q_left @ u_core
+    signs = canonical_signs(U)
+    U, vt_core = U * signs, vt_core * signs[:, None]
     width = pairs[present[0]][1].shape[1]
     blocks = torch.zeros((len(pairs), singular.numel(), width), dtype=U.dtype)
     offset = 0
@@ -83,6 +120,8 @@ def align_dense(pairs: list[tuple[torch.Tensor, torch.Tensor] | None], shape: tu
     U, singular, vt = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
     keep = singular > tolerance
     U, singular, vt = U[:, keep], singular[keep], vt[keep]
+    signs = canonical_signs(U)
+    U, vt = U * signs, vt * signs[:, None]
     scaled = (singular[:, None] * vt).reshape(singular.numel(), len(pairs), shape[1]).transpose(0, 1)
     return ModuleAlignment(U=U, blocks=scaled.contiguous(), singular_values=singular)
 
@@ -95,7 +134,11 @@ def align_module(
     dtype: torch.dtype = torch.float64,
     tolerance: float = SINGULAR_VALUE_TOLERANCE,
 ) -> ModuleAlignment:
-    """Align one module's task updates (computed in ``dtype``)."""
+    """Align one module's task updates (computed in ``dtype``); ``core``: its Core Space."""
+    if orientation == "core":
+        from knots.merging.core import core_module
+
+        return core_module(taskset, module, path, dtype)
     pairs = factor_pairs(taskset.factors[module], orientation, dtype)
     out_features, in_features = taskset.shapes[module]
     shape = (out_features, in_features) if orientation == "column" else (in_features, out_features)
@@ -129,6 +172,8 @@ class Ingredients:
             tensors[f"{name}.U"] = alignment.U.contiguous()
             tensors[f"{name}.blocks"] = alignment.blocks.contiguous()
             tensors[f"{name}.S"] = alignment.singular_values.contiguous()
+            if alignment.V is not None:
+                tensors[f"{name}.V"] = alignment.V.contiguous()
         save_file(tensors, str(directory / "ingredients.safetensors"))
         meta = {"tasks": self.tasks, "orientation": self.orientation, "shapes": {k: list(v) for k, v in self.shapes.items()}}
         (directory / "ingredients.json").write_text(json.dumps(meta, indent=2))
@@ -146,7 +191,7 @@ class Ingredients:
         except Exception as error:
             raise AdapterError(f"{directory}: unreadable saved alignment ({error})") from None
         modules = {
-            name: ModuleAlignment(U=tensors[f"{name}.U"], blocks=tensors[f"{name}.blocks"], singular_values=tensors[f"{name}.S"])
+            name: ModuleAlignment(U=tensors[f"{name}.U"], blocks=tensors[f"{name}.blocks"], singular_values=tensors[f"{name}.S"], V=tensors.get(f"{name}.V"))
             for name in meta["shapes"]
         }
         shapes = {name: tuple(shape) for name, shape in meta["shapes"].items()}
@@ -166,9 +211,7 @@ def align(
     from tqdm.auto import tqdm
 
     modules: dict[str, ModuleAlignment] = {}
-    for module in tqdm(taskset.modules, desc=f"KnOTS alignment ({path})", unit="module", disable=not progress, leave=False):
-        result = align_module(taskset, module, orientation, path, dtype, tolerance)
-        modules[module] = ModuleAlignment(
-            U=result.U.to(storage_dtype), blocks=result.blocks.to(storage_dtype), singular_values=result.singular_values.to(storage_dtype)
-        )
+    label = "Core Space" if orientation == "core" else "KnOTS alignment"
+    for module in tqdm(taskset.modules, desc=f"{label} ({path})", unit="module", disable=not progress, leave=False):
+        modules[module] = align_module(taskset, module, orientation, path, dtype, tolerance).to(storage_dtype)
     return Ingredients(tasks=list(taskset.tasks), orientation=orientation, modules=modules, shapes=dict(taskset.shapes))

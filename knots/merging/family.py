@@ -27,6 +27,8 @@ class Hyperparameters:
 
     scaling: lambda, one coefficient for all tasks. top_k: percent of entries kept per task by the
     magnitude trim, in (0, 100]. p: DARE drop probability, in [0, 1). seed: DARE's random seed.
+    common_space_fraction: Iso-CTS's share of the merged rank given to the sum's top directions, in
+    [0, 1] (the rest goes to the tasks' own directions).
     """
 
     scaling: float = 1.0
@@ -36,6 +38,7 @@ class Hyperparameters:
     trim_scope: TrimScope = "model"
     sign_vote: F.SignVote = "mass"
     merge_func: F.MergeFunc = "mean"
+    common_space_fraction: float = 0.8
 
     def __post_init__(self) -> None:
         if not (isinstance(self.scaling, (int, float)) and self.scaling == self.scaling and abs(self.scaling) != float("inf")):
@@ -44,6 +47,8 @@ class Hyperparameters:
             raise ConfigError(f"method.top_k is a percent in (0, 100], got {self.top_k}")
         if not 0 <= self.p < 1:
             raise ConfigError(f"method.p (DARE drop rate) must be in [0, 1), got {self.p}")
+        if not 0 <= self.common_space_fraction <= 1:
+            raise ConfigError(f"method.common_space_fraction (Iso-CTS) must be in [0, 1], got {self.common_space_fraction}")
         choices = {"trim_scope": ("model", "module"), "sign_vote": ("mass", "count"), "merge_func": ("mean", "sum")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

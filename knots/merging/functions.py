@@ -16,14 +16,20 @@ MergeFunc = Literal["mean", "sum"]
 
 
 def keep_count(numel: int, top_k: float) -> int:
-    """How many entries the reference top-K trim aims to keep: ``int(numel * K / 100)``."""
-    return int(numel * top_k / 100.0)
+    """How many entries the reference top-K trim aims to keep: ``int(numel * (K / 100))``.
+
+    The TIES and KnOTS references divide K by 100 first (``K /= 100; k = int(d * K)``); that rounds
+    differently from ``int(numel * K / 100)`` where ``numel * K / 100`` is an integer: for 600 entries
+    at K = 57 it is 341, not 342, so the threshold is the 259th smallest magnitude, not the 258th.
+    """
+    return int(numel * (top_k / 100.0))
 
 
 def kth_smallest_rank(numel: int, top_k: float) -> int:
     """1-based rank (ascending) of the magnitude threshold of a top-K% trim.
 
-    The reference keeps ``|x| >= kthvalue(|x|, numel - int(numel * K))``; at least one entry survives.
+    The reference keeps ``|x| >= kthvalue(|x|, numel - int(numel * (K / 100)))``; at least one entry
+    survives.
     """
     return max(numel - keep_count(numel, top_k), 1)
 

@@ -1,7 +1,10 @@
 """The registry of merge methods: name -> function, task-vector space and paper reference.
 
 Adding a method is one function registered here plus one ``conf/method/<name>.yaml`` with its
-default hyperparameters.
+default hyperparameters and its search: ``search`` (the hyperparameters the linear validation search
+tunes, in order), optionally ``repeat`` (hyperparameters whose every value re-evaluates the selected
+point, e.g. DARE's seed) and ``ranges`` (method-specific values, where the paper searches other values
+than the shared search config).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from knots.errors import ConfigError
 from knots.merging.family import Hyperparameters
 from knots.merging.vectors import TaskVectors
 
-Space = Literal["dense", "knots", "knots_row"]
+#: What a method merges: ``dense``, the full updates entry by entry; ``knots`` / ``knots_row``, the KnOTS
+#: aligned blocks; ``core``, the Core Space cores; ``subspace``, the full updates through spectral
+#: operations that commute with orthonormal changes of basis (computed on the Core Space cores).
+Space = Literal["dense", "knots", "knots_row", "core", "subspace"]
 MergeFunction = Callable[[TaskVectors, Hyperparameters, bool], dict[str, torch.Tensor]]
 
 
@@ -79,3 +85,4 @@ def load_method_config(name: str) -> dict[str, object]:
     if not path.is_file():
         raise ConfigError(f"merge method {name!r} has no config file {path}")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+

@@ -18,9 +18,11 @@ from knots.merging.alignment import Ingredients, Orientation, SvdPath, align
 from knots.merging.family import Hyperparameters
 from knots.merging.registry import MergeMethod, get_method
 from knots.merging.taskset import TaskSet
-from knots.merging.vectors import AlignedBlocks, FullUpdates, TaskVectors
+from knots.merging.vectors import AlignedBlocks, DenseUpdates, FullUpdates, TaskVectors
 
-ORIENTATION: dict[str, Orientation] = {"knots": "column", "knots_row": "row"}
+#: The decomposition each method space merges in; ``subspace`` methods (spectral merges of the full
+#: updates) run on the Core Space cores on the factored path, since they commute with its bases.
+ORIENTATION: dict[str, Orientation] = {"knots": "column", "knots_row": "row", "core": "core", "subspace": "core"}
 
 
 @dataclass
@@ -40,7 +42,8 @@ class MergeResult:
 
     @property
     def exact_low_rank(self) -> bool:
-        """Whether :meth:`lora` gives exact factors: every KnOTS merge, and linear merges (TA)."""
+        """Whether :meth:`lora` gives exact factors: every merge in the KnOTS, Core Space or subspace
+        spaces, and linear merges (TA)."""
         return self.method.space != "dense" or self.method.linear
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -61,9 +64,21 @@ class MergeResult:
         """Exact factors ``(B, A)`` of the merged ``dW = B @ A`` (``nn.Linear`` layout)."""
         if isinstance(self.vectors, AlignedBlocks):
             return self.vectors.to_lora(module, self.merged[module])
-        if not self.method.linear:
+        if self.method.linear:
+            return concatenated_factors(self.taskset, module, self.hyperparameters)
+        if self.method.space == "dense":
             raise ValueError(f"{self.method.name} merges are not exactly low-rank; use an SVD-truncated export")
-        return concatenated_factors(self.taskset, module, self.hyperparameters)
+        return numerical_rank_factors(self.vectors.to_delta(module, self.merged[module]))
+
+
+def numerical_rank_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact factors of a dense update that is low-rank (the dense reference path of a spectral merge):
+    its SVD, keeping the singular values above the spectral merges' zero threshold."""
+    from knots.merging.spectral import RANK_RTOL
+
+    u, s, vt = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    keep = max(int((s > RANK_RTOL * float(s[:1].sum())).sum()), 1)
+    return u[:, :keep] * s[:keep], vt[:keep]
 
 
 def concatenated_factors(taskset: TaskSet, module: str, hp: Hyperparameters) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +120,8 @@ class MergeSession:
         self._ingredients[ingredients.orientation] = ingredients
 
     def ingredients(self, orientation: Orientation = "column") -> Ingredients:
-        """The KnOTS alignment, computed on first use and reused by every later merge."""
+        """The KnOTS alignment (or, for ``core``, the Core Space), computed on first use and reused by
+        every later merge."""
         if orientation not in self._ingredients:
             start = time.perf_counter()
             self._ingredients[orientation] = align(
@@ -117,7 +133,9 @@ class MergeSession:
     def vectors(self, space: str) -> TaskVectors:
         if space == "dense":
             return FullUpdates(self.taskset, self.dense_dtype)
-        return AlignedBlocks(self.ingredients(ORIENTATION[space]))
+        if space == "subspace" and self.svd_path == "dense":
+            return DenseUpdates(self.taskset, self.compute_dtype)
+        return AlignedBlocks(self.ingredients(ORIENTATION[space]), self.taskset)
 
     def merge(self, method: str, **hyperparameters: Any) -> MergeResult:
         """Merge with a registered method; unspecified hyperparameters take their defaults."""

@@ -94,11 +94,24 @@ def method_config(name: str, overrides: Mapping[str, Any] | None = None, extra_d
     if missing:
         raise ConfigError(f"method {name}: conf/method/{name}.yaml has no default for {', '.join(missing)}")
     defaults.update(overrides or {})
-    for key in (*raw.get("search", []), *raw.get("repeat", [])):
+    where = f"conf/method/{name}.yaml"
+    lists = {key: raw.get(key) or [] for key in ("search", "repeat")}
+    ranges = raw.get("ranges") or {}
+    for key, value in lists.items():
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list of hyperparameter names, got {value!r}")
+    if not isinstance(ranges, dict):
+        raise ConfigError(f"{where}: ranges must map hyperparameter names to lists of values")
+    for key in (*lists["search"], *lists["repeat"], *ranges):
         if key not in method.uses:
-            raise ConfigError(f"method {name}: searches {key!r}, which it does not use (it uses: {', '.join(method.uses)})")
-    return MethodConfig(name=name, defaults=defaults, search=tuple(raw.get("search", [])),
-                        repeat=tuple(raw.get("repeat", [])), ranges=dict(raw.get("ranges", {})))
+            raise ConfigError(f"{where}: {name} does not read hyperparameter {key!r} (it uses: {', '.join(method.uses)})")
+    for key, values in ranges.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: ranges.{key} must be a non-empty list of values")
+        for value in values:
+            check_values(name, {**defaults, key: value})
+    return MethodConfig(name=name, defaults=defaults, search=tuple(lists["search"]), repeat=tuple(lists["repeat"]),
+                        ranges={key: list(values) for key, values in ranges.items()})
 
 
 def check_method_params(name: str, params: Mapping[str, Any]) -> None:

@@ -84,7 +84,7 @@ def break_adapter(directory, how):
 
 CASES = {
     "missing directory": ([], "adapter directory not found"),
-    "unknown method": (["method=nope"], "known methods: dare"),
+    "unknown method": (["method=nope"], "known methods: core_dare_ties, core_iso_c"),
     "top_k out of range": (["method.top_k=150"], "top_k is a percent"),
     "p out of range": (["method=dare_ties", "method.p=1.0"], "drop rate"),
     "NaN weights": (["break=nan"], "NaN or Inf"),

@@ -117,3 +117,14 @@ def test_keep_count_follows_the_reference():
     assert F.kth_smallest_rank(10, 30) == 7
     assert F.kth_smallest_rank(10, 5) == 10  # int(0.5) == 0: only the largest survives
     assert F.kth_smallest_rank(3, 100) == 1
+    # The reference divides K by 100 first: int(600 * 0.57) = int(341.99999999999994) = 341.
+    assert F.keep_count(600, 57) == 341 and F.kth_smallest_rank(600, 57) == 259
+
+
+def test_top_k_rounding_changes_the_trimmed_entries():
+    """d = 600, K = 57: the threshold is the 259th smallest magnitude, so 342 entries survive (343 with
+    int(d * K / 100))."""
+    values = torch.arange(1, 601, dtype=torch.float64)[torch.randperm(600, generator=torch.Generator().manual_seed(0))]
+    merged = merge(values[None], top_k=57)
+    assert int((merged != 0).sum()) == 342
+    assert float(merged.abs()[merged != 0].min()) == 259.0

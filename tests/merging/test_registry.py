@@ -1,5 +1,7 @@
 """The method registry and the method config files describe the same set of methods."""
 
+import shutil
+
 import pytest
 
 from hydra.utils import get_object
@@ -39,12 +41,40 @@ def test_method_configs_are_valid_defaults(name):
     assert set(method.uses) <= set(Hyperparameters.__dataclass_fields__)
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_declares_its_search(name):
+    spec = method_config(name)
+    assert spec.search and spec.search[0] == "scaling"
+    assert ("seed" in spec.repeat) == ("p" in spec.search)  # every DARE method re-runs its seeds
+
+
+def test_search_specs_follow_the_papers():
+    assert method_config("ties").search == ("scaling", "top_k")
+    dare = method_config("knots_dare_ties")
+    assert (dare.search, dare.repeat, dare.ranges) == (("scaling", "p"), ("seed",), {})
+    iso = method_config("iso_c").ranges["scaling"]
+    assert len(iso) == 30 and iso[0] == 0.1 and iso[-1] == 3.0  # np.linspace(0, 3, 31)[1:]
+    core = method_config("core_dare_ties")
+    assert core.search == ("scaling", "p", "top_k") and len(core.ranges["scaling"]) == 99 and core.ranges["top_k"][0] == 100
+
+
+def test_bad_search_specs_are_refused(tmp_path, monkeypatch):
+    shutil.copytree(config_dir(), tmp_path / "conf")
+    monkeypatch.setenv("KNOTS_CONFIG_DIR", str(tmp_path / "conf"))
+    path = tmp_path / "conf" / "method" / "ta.yaml"
+    for extra, message in [("search: [top_k]", "does not read hyperparameter 'top_k'"), ("ranges: {scaling: []}", "non-empty list"),
+                           ("ranges: {scaling: [nan]}", "finite number"), ("search: scaling", "must be a list")]:
+        path.write_text("name: ta\nscaling: 0.1\nmerge_func: sum\n" + extra + "\n")
+        with pytest.raises(ConfigError, match=message):
+            method_config("ta")
+
+
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="known methods: dare, dare_ties"):
+    with pytest.raises(ConfigError, match="known methods: core_dare_ties, core_iso_c, .*, dare, dare_ties, .*, tsv_m$"):
         get_method("nope")
 
 
-@pytest.mark.parametrize("field,value", [("top_k", 0), ("top_k", 100.5), ("p", 1.0), ("p", -0.1), ("scaling", float("nan")), ("trim_scope", "layer"), ("sign_vote", "vote"), ("merge_func", "max")])
+@pytest.mark.parametrize("field,value", [("top_k", 0), ("top_k", 100.5), ("p", 1.0), ("p", -0.1), ("scaling", float("nan")), ("trim_scope", "layer"), ("sign_vote", "vote"), ("merge_func", "max"), ("common_space_fraction", 1.2)])
 def test_out_of_range_hyperparameters_are_refused(field, value):
     with pytest.raises(ConfigError, match=field):
         Hyperparameters(**{field: value})

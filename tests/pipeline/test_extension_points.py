@@ -128,3 +128,14 @@ def test_toy_extensions_run_end_to_end(extended, compose_run, tmp_path):
     assert (tmp_path / "run" / "analyses" / "toy" / "best.txt").read_text() == analysis["best"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["analyses"]["toy"] == analysis
     assert results["meta"]["model"] == "toy"
+
+
+def test_configuration_does_not_import_the_pipeline():
+    """config/ is below pipeline/: the schema and its validation never import the stages."""
+    import subprocess
+    import sys
+
+    code = ("import sys, knots.config.schema as s, knots.methods, knots.analyses; "
+            "print(sorted(m for m in sys.modules if m.startswith('knots.pipeline')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
