@@ -142,7 +142,8 @@ def check_values(name: str, params: Mapping[str, Any]) -> None:
 
 def check_types(name: str, params: Mapping[str, Any], schema: type) -> None:
     """Each value of ``params`` has the type its field in the dataclass ``schema`` declares: an integer
-    (not a bool, not 1.5), a number, or a string; others are left to the schema's own checks."""
+    (not a bool, not 1.5), a finite number, or a string; others are left to the schema's own checks."""
+    import math
     import typing
 
     hints = typing.get_type_hints(schema)
@@ -151,7 +152,8 @@ def check_types(name: str, params: Mapping[str, Any], schema: type) -> None:
         if hint is int:
             ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
         elif hint is float:
-            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite number"
         elif hint is str or typing.get_origin(hint) is typing.Literal:
             ok, expected = isinstance(value, str), "a string"
         else:
