@@ -45,7 +45,14 @@ class ModelPool:
 
     @classmethod
     def build(cls, cfg: Any, device: str) -> ModelPool:
+        if str(device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():  # before loading (or downloading) any weights
+                raise ConfigError(f"device {device!r} is not available (no CUDA device); set device=cpu")
         backbone = build_backbone(cfg)
+        if getattr(backbone, "dispatched", False):  # placed by the backbone's own device_map
+            return cls(backbone, cfg)
         try:
             backbone.encoder.to(device)
         except (RuntimeError, AssertionError) as error:  # an unavailable device
@@ -55,6 +62,32 @@ class ModelPool:
     @property
     def trains_heads(self) -> bool:
         return self.settings.head.kind == "trained"
+
+    def check_tasks(self, tasks: Sequence[TaskData]) -> None:
+        """With ``head.num_labels``: every task has that many classes in one label space shared by all
+        (equal label keys, in head order), and masks exactly the classes none of its training examples
+        has. One-line ``ConfigError`` otherwise, before any training."""
+        n = self.settings.head.num_labels
+        if n is None:
+            return
+        first = tasks[0]
+        for task in tasks:
+            if task.num_classes != n:
+                raise ConfigError(f"task {task.name} has {task.num_classes} classes, but model.head.num_labels is {n}: "
+                                  "a task lacking classes of the shared label space declares them masked")
+            if task.label_keys != first.label_keys:
+                raise ConfigError(f"task {task.name}: label keys {task.label_keys} differ from task {first.name}'s "
+                                  f"{first.label_keys}; with model.head.num_labels the tasks share one label space")
+            labels = getattr(task.train, "labels", None)
+            present = set(labels if labels is not None else (y for _, y in task.train))
+            valid = task.class_mask or [True] * n
+            absent = [c for i, c in enumerate(task.class_names) if valid[i] and i not in present]
+            if absent:
+                raise ConfigError(f"task {task.name}: no training example has class {absent[0]!r}; "
+                                  "a class the task does not have must be masked")
+            clash = [c for i, c in enumerate(task.class_names) if not valid[i] and i in present]
+            if clash:
+                raise ConfigError(f"task {task.name}: class {clash[0]!r} is masked but training examples have it")
 
     def training_head(self, task: TaskData, zero_shot: HeadSet | None, seed: int) -> TrainingHead:
         """What finetuning trains ``task`` against: its zero-shot head, or a fresh trained head."""
@@ -67,6 +100,9 @@ class ModelPool:
     def load(self, task: TaskData, path: str | Path, info: Mapping[str, Any] | None = None) -> TaskAdapter:
         """A task's adapter (and trained head) from its PEFT directory."""
         head = read_trained_head(path, self.settings.head.module, task) if self.trains_heads else None
+        if head is not None and head.weight.shape[1] != self.backbone.feature_dim:
+            raise AdapterError(f"{path}: head {self.settings.head.module!r} takes {head.weight.shape[1]} features, "
+                               f"but model {self.backbone.name} gives {self.backbone.feature_dim}")
         return TaskAdapter(task=task.name, path=str(path), adapter=load_adapter(path, name=task.name), head=head, info=dict(info or {}))
 
     def heads(self, tasks: Sequence[TaskData], adapters: Sequence[TaskAdapter], zero_shot: HeadSet | None) -> HeadSet:

@@ -7,7 +7,6 @@ task), so both evaluations cost one forward pass.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,6 @@ from knots.data.tasks import SPLITS, TaskData
 from knots.heads import HeadSet
 from knots.metrics import ENSEMBLE_RULES, accuracy, joint_hits
 from knots.models.base import Backbone, to_device
-
-log = logging.getLogger("knots.pipeline")
 
 
 class EvalSet:
@@ -107,10 +104,7 @@ class TaskPool:
         names = benchmark.task_names
         for name in names:
             check_source(benchmark.tasks[name], name)
-        pool = cls([build_task(name, benchmark.tasks[name]) for name in names])
-        for task in pool.tasks:
-            log.info("task %s: %s", task.name, describe_counts(task.row_counts))
-        return pool
+        return cls([build_task(name, benchmark.tasks[name]) for name in names])
 
     @property
     def names(self) -> list[str]:
@@ -129,15 +123,28 @@ class TaskPool:
         """Examples per task and split (for the run log and results.json)."""
         return {t.name: {s: len(t.split(s)) for s in SPLITS} for t in self.tasks}
 
+    def split_info(self) -> dict[str, dict[str, Any]]:
+        """Per task, how its splits were made (``TaskData.info``), with the sizes as used."""
+        return {t.name: {**t.info, "sizes": {s: len(t.split(s)) for s in SPLITS}} for t in self.tasks}
+
     def row_counts(self) -> dict[str, dict[str, Any]]:
         """Per task: rows read, rows dropped (matching no class, repeated), examples per class (results.json)."""
         return {t.name: t.row_counts for t in self.tasks}
 
+    def describe_splits(self) -> list[str]:
+        """One line per task for the run log: the split sizes, where known their provenance, and the rows
+        read (with those dropped for matching no class or repeating an input)."""
+        lines = []
+        for task, (name, info) in zip(self.tasks, self.split_info().items()):
+            sizes = ", ".join(f"{n} {s}" for s, n in info["sizes"].items())
+            origin = "; ".join(f"{role}: {info[role]}" for role in ("validation", "test") if isinstance(info.get(role), str))
+            counts = f"; {describe_counts(task.row_counts)}" if task.row_counts else ""
+            lines.append(f"task {name}: {sizes}" + (f" ({origin})" if origin else "") + counts)
+        return lines
+
 
 def describe_counts(counts: dict[str, Any]) -> str:
-    """One line for the log: rows read, what was dropped, examples per class."""
-    if not counts:
-        return "no row counts"
+    """Rows read, what was dropped, examples per class (one phrase for the log)."""
     per_class = ", ".join(f"{name} {n}" for name, n in counts["per_class"].items())
-    return (f"{counts['rows']} rows, {counts['unmatched']} matching no class and {counts['repeated']} repeated "
+    return (f"{counts['rows']} rows read, {counts['unmatched']} matching no class and {counts['repeated']} repeated "
             f"(dropped); examples per class: {per_class}")

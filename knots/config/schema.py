@@ -31,9 +31,18 @@ CODE_SOURCES = ("callable", "task")
 #: Sources whose builder makes the whole task (class names, templates, source splits): no ``classes``.
 TASK_SOURCES = ("task",)
 SPLIT_ROLES = ("train", "validation", "test")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "fp32_scaled", "bf16", "fp16")
+#: What merged accuracies are divided by: each task's finetuned accuracy as measured in the run, or
+#: the authors' fixed values (knots.vision.paper), on validation and test alike.
+NORMALIZERS = ("measured", "paper")
 HEAD_KINDS = ("zero_shot", "trained")
+SCHEDULES = ("cosine", "linear")
+#: How a missing split role is carved out of another (see ``knots.data.splits.carved_parts``).
+CARVE_METHODS = ("stratified", "random", "tail")
 STAGES = ("all", "finetune")
+#: Methods that need zero-shot heads: the ensemble scores every finetuned model with each task's head,
+#: which a trained head (fitted to its own model's features) does not allow.
+ZERO_SHOT_ONLY_METHODS = ("ensemble",)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -111,10 +120,14 @@ class HeadSettings:
     kind: str = "zero_shot"
     module: str = "score"
     bias: bool = False
+    #: Every task has this many classes, in one label space shared by all tasks (equal label keys, in
+    #: head order; e.g. 3 for NLI); a task lacking some of them masks them. null: no such constraint.
+    num_labels: int | None = field(default=None, metadata={"cache_key": "non_default"})
 
     def validate(self) -> None:
         _check(self.kind in HEAD_KINDS, f"unknown model.head.kind {self.kind!r}; expected one of {HEAD_KINDS}")
         _check(self.module.isidentifier(), f"model.head.module must be a Python identifier, got {self.module!r}")
+        _check(self.num_labels is None or self.num_labels >= 2, f"model.head.num_labels must be >= 2 or null, got {self.num_labels}")
 
 
 @dataclass
@@ -163,6 +176,18 @@ class ClassConfig:
     values: list[Any] = field(default_factory=list)
     min: float | None = None
     max: float | None = None
+    #: The task does not have this class (a two-class task in a shared three-way space): its logit is
+    #: -inf in training and evaluation, and no raw label may map to it.
+    masked: bool = field(default=False, metadata={"cache_key": "non_default"})
+
+    def check(self, task: str) -> None:
+        """A masked class has no raw labels; any other class has some (checked by the benchmark)."""
+        has_values = bool(self.values) or self.min is not None or self.max is not None
+        if self.masked:
+            _check(not has_values, f"task {task}: class {self.name!r} is masked but raw labels map to it (values/min/max)")
+        else:
+            _check(has_values, f"task {task}: class {self.name!r} has no values; a class the task does not have "
+                               "must be masked (masked: true)")
 
 
 @dataclass
@@ -174,6 +199,12 @@ class SplitConfig:
     the source's own splits; a role missing from it is carved (stratified, ``carve_fraction``) out of the
     ``carve_from`` role. ``max_*`` then caps each set (seeded; ``balance`` takes equally many examples
     per class).
+
+    ``carve`` is how the carved part is chosen: ``stratified`` (per class, seeded), ``random``
+    (``ceil(carve_fraction * n)`` rows of a seeded permutation) or ``tail`` (the last
+    ``ceil(carve_fraction * n)`` rows); ``random`` and ``tail`` select exactly the rows of
+    ``datasets.Dataset.train_test_split(test_size=carve_fraction, seed=seed)`` with ``shuffle`` true and
+    false, whose ``test`` part is the carved one.
     """
 
     seed: int = 0
@@ -181,6 +212,7 @@ class SplitConfig:
     source_splits: dict[str, str] = field(default_factory=dict)
     carve_from: str = "test"
     carve_fraction: float = 0.2
+    carve: str = field(default="stratified", metadata={"cache_key": "non_default"})
     max_train: int | None = None
     max_validation: int | None = None
     max_test: int | None = None
@@ -193,6 +225,7 @@ class SplitConfig:
         _check(set(self.source_splits) <= set(SPLIT_ROLES), f"split.source_splits keys must be in {SPLIT_ROLES}")
         _check(self.carve_from in SPLIT_ROLES, f"split.carve_from must be one of {SPLIT_ROLES}")
         _check(0.0 < self.carve_fraction < 1.0, "split.carve_fraction must be in (0, 1)")
+        _check(self.carve in CARVE_METHODS, f"unknown split.carve {self.carve!r}; expected one of {CARVE_METHODS}")
         for role in SPLIT_ROLES:
             cap = getattr(self, f"max_{role}")
             _check(cap is None or cap >= 1, f"split.max_{role} must be >= 1 or null")
@@ -209,12 +242,17 @@ class TaskConfig:
     or a dict of named splits of rows), or ``task`` (``loader`` is instantiated with ``name=<task>`` and
     returns a ``knots.data.tasks.TaskSource``: class names, templates and source splits come from the
     builder, so ``classes`` stays empty and ``templates`` is not used; ``split`` applies as for any task).
+
+    ``input_columns`` names the input columns of csv, json and hf sources when there are two (a sentence
+    pair such as premise and hypothesis, tokenized as a pair); by default the input is ``input_column``.
+    A class marked ``masked`` is one the task does not have (see ``ClassConfig``).
     """
 
     source: str = "csv"
     path: str | None = None
     loader: dict[str, Any] | None = None
     input_column: str = "text"
+    input_columns: list[str] | None = field(default=None, metadata={"cache_key": "non_default"})
     label_column: str = "label"
     pattern: str | None = None
     read_options: dict[str, Any] = field(default_factory=dict)
@@ -231,7 +269,10 @@ class TaskConfig:
         if self.source in TASK_SOURCES:
             _check(not self.classes, f"source {self.source!r} takes its classes from the builder; remove 'classes'")
         else:
-            _check(len(self.classes) >= 2, "a task needs at least 2 classes")
+            _check(len([c for c in self.classes if not c.masked]) >= 2, "a task needs at least 2 classes (not masked)")
+        if self.input_columns is not None:
+            _check(self.source in ("csv", "json", "hf"), f"input_columns needs a csv, json or hf source, not {self.source!r}")
+            _check(1 <= len(self.input_columns) <= 2, f"input_columns names one column or two (a pair), got {self.input_columns}")
         _check(all("{}" in t for t in self.templates), "every template needs one '{}' for the class name")
         if self.source == "lines":
             _check(bool(self.pattern), "source 'lines' needs a regex 'pattern' with groups input and label")
@@ -259,6 +300,9 @@ class BenchmarkConfig:
             for task in self.tasks.values():
                 task.split = dataclasses.replace(task.split, **self.split)
                 task.split.validate()
+        for name, task in self.tasks.items():
+            for c in task.classes:
+                c.check(name)
         for name in self.select or []:
             _check(name in self.tasks, f"unknown task {name!r} in benchmark {self.name}; known: {', '.join(self.tasks)}")
         _check(len(self.task_names) >= 1, f"benchmark {self.name}: no task selected")
@@ -282,8 +326,23 @@ class FinetuneConfig:
     off CUDA. ``num_workers``: DataLoader processes that decode and preprocess training batches
     (0: in the training process); the batches are the same either way.
 
+    The authors' recipe (``protocol=reference``) needs five more settings, all off by default:
+    ``epochs`` (every task) or ``epochs_per_task`` (task -> epochs, over ``epochs``) replace ``steps``
+    by ``epochs * ceil(n_train / batch_size)``; ``schedule_steps`` is the cosine's horizon (null:
+    the training length; past it the cosine goes on and the learning rate rises again, as the
+    authors' ``cosine_lr`` does); ``min_improvement`` (points of accuracy) is the margin by which a
+    validation accuracy must beat the best one to count as better; ``fp32_scaled`` precision runs in
+    fp32 with a gradient scaler (on any device); ``train_logit_scale`` multiplies the normalized
+    features by this in training (the zero-shot heads' evaluation scale stays 100: the authors' 10^4
+    is their heads, already scaled by 100, scaled by 100 again, a defect reproduced only on request).
+
     Fields marked ``cache_key=False`` do not change the trained adapter and stay out of its cache key;
     ``cache_key="non_default"`` ones enter it only when set, so older adapters keep their keys.
+
+    ``schedule``: ``cosine`` (linear warm-up, then cosine decay) or ``linear`` (``transformers``'
+    ``get_linear_schedule_with_warmup``: warm-up from 0, then linear decay to 0, as the Llama3-8B
+    reference trains). ``warmup_fraction``, when set, replaces ``warmup_steps`` by that fraction of
+    ``steps`` (the reference's 6%).
     """
 
     steps: int = MISSING
@@ -300,12 +359,32 @@ class FinetuneConfig:
     patience: int | None = field(default=None, metadata={"cache_key": "non_default"})
     precision: str = field(default="auto", metadata={"cache_key": False})  # the resolved one is keyed
     num_workers: int = field(default=0, metadata={"cache_key": False})
+    # per task, these become ``steps`` and ``schedule_steps`` before the cache key is made (training.task_recipe)
+    epochs: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    epochs_per_task: dict[str, int] = field(default_factory=dict, metadata={"cache_key": "non_default"})
+    schedule_steps: int | None = field(default=None, metadata={"cache_key": "non_default"})
+    min_improvement: float = field(default=0.0, metadata={"cache_key": "non_default"})
+    train_logit_scale: float = field(default=100.0, metadata={"cache_key": "non_default"})
+    schedule: str = field(default="cosine", metadata={"cache_key": "non_default"})
+    warmup_fraction: float | None = field(default=None, metadata={"cache_key": "non_default"})
+    #: A PEFT adapter (directory or hub id) whose LoRA and head every task starts from, instead of the
+    #: fresh seeded ones (e.g. the authors' hoffman-lab/KnOTS-Llama3_8B_lora_R16_pretrained_model).
+    init_adapter: str | None = field(default=None, metadata={"cache_key": "non_default"})
 
     def validate(self) -> None:
         _check(self.steps >= 1, f"finetune.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
-        _check(0 <= self.warmup_steps <= self.steps, "finetune.warmup_steps must be in [0, steps]")
+        epochs = [self.epochs, *self.epochs_per_task.values()]
+        _check(all(e is None or e >= 1 for e in epochs), "finetune.epochs and finetune.epochs_per_task must be >= 1")
+        if self.epochs is None and not self.epochs_per_task:
+            _check(0 <= self.warmup_steps <= self.steps, "finetune.warmup_steps must be in [0, steps]")
+        _check(self.warmup_steps >= 0, "finetune.warmup_steps must be >= 0")
+        _check(self.schedule_steps is None or self.schedule_steps > self.warmup_steps,
+               "finetune.schedule_steps must be greater than finetune.warmup_steps (or null)")
+        _check(self.min_improvement >= 0, f"finetune.min_improvement must be >= 0, got {self.min_improvement}")
+        _check(not self.min_improvement or bool(self.eval_every), "finetune.min_improvement needs finetune.eval_every")
+        _check(self.train_logit_scale > 0, f"finetune.train_logit_scale must be > 0, got {self.train_logit_scale}")
         _check(self.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1")
         _check(self.eval_batch_size >= 1, "finetune.eval_batch_size must be >= 1")
         _check(self.eval_every is None or self.eval_every >= 0, "finetune.eval_every must be >= 0 or null")
@@ -313,6 +392,9 @@ class FinetuneConfig:
         _check(not self.patience or bool(self.eval_every), "finetune.patience needs finetune.eval_every")
         _check(self.precision in PRECISIONS, f"unknown finetune.precision {self.precision!r}; expected one of {PRECISIONS}")
         _check(self.num_workers >= 0, f"finetune.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.schedule in SCHEDULES, f"unknown finetune.schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        _check(self.warmup_fraction is None or 0.0 <= self.warmup_fraction < 1.0,
+               f"finetune.warmup_fraction must be in [0, 1) or null, got {self.warmup_fraction}")
 
 
 @dataclass
@@ -399,6 +481,8 @@ class RunConfig:
     device: str = MISSING
     threads: int | None = None
     progress: bool = True
+    #: ``measured`` or ``paper`` (NORMALIZERS); set by the ``protocol`` group.
+    normalizers: str = MISSING
 
     def validate(self) -> None:
         from knots.analyses import analysis_names, analysis_options
@@ -415,8 +499,9 @@ class RunConfig:
             _check(len(self.benchmark.task_names) >= 2, "merging needs at least 2 tasks")
             _check(len(self.methods) > 0, "no methods selected")
         known = method_names()
-        if self.methods == ["all"]:
-            self.methods = list(known)
+        trained = self.model.head.kind == "trained"
+        if self.methods == ["all"]:  # every method that applies to the heads
+            self.methods = [m for m in known if not (trained and m in ZERO_SHOT_ONLY_METHODS)]
         for m in self.methods:
             _check(m in known, f"unknown method {m!r}; known: {', '.join(known)}")
         for m, params in self.method_params.items():
@@ -435,6 +520,21 @@ class RunConfig:
             _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:
             _check(task in self.benchmark.tasks, f"adapters.paths: unknown task {task!r}")
+        _check(self.normalizers in NORMALIZERS, f"unknown normalizers {self.normalizers!r}; expected one of {NORMALIZERS}")
+        if self.normalizers == "paper":
+            from knots.vision.paper import paper_normalizers
+
+            paper_normalizers(self.model.backbone.get("arch"), self.benchmark.task_names)
+        missing = [t for t in self.benchmark.task_names if self.finetune.epochs is None
+                   and self.finetune.epochs_per_task and t not in self.finetune.epochs_per_task]
+        _check(self.adapters.given or not missing, f"finetune.epochs_per_task has no value for task(s) {', '.join(missing)} "
+               f"(and finetune.epochs is null)")
+        if self.model.head.kind == "trained":
+            _check(self.finetune.train_logit_scale == 100.0,
+                   "finetune.train_logit_scale scales zero-shot heads' logits; with trained heads leave it at 100")
+            for m in self.methods:
+                _check(m not in ZERO_SHOT_ONLY_METHODS, f"method {m} needs zero-shot heads: each trained head belongs to its "
+                                                       "own finetuned model (use model.head.kind=zero_shot or drop the method)")
 
 
     def _check_search_space(self, method: str) -> None:

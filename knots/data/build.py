@@ -110,11 +110,15 @@ def build_task(name: str, cfg: Any) -> TaskData:
         counts = class_counts(pools, len(class_names), name)
         check_classes(name, class_names, counts, mask)
         total, unmatched = sum(counts), 0
+        info = {**source.info, "source_sizes": {split: len(pool) for split, pool in source.splits.items()}}
     else:
         rows = READERS[cfg.source](cfg, name)
         pools = example_pools(rows, cfg.classes, cfg.split)
         class_names, templates = [c.name for c in cfg.classes], list(cfg.templates)
-        keys, mask = [c.key or f"{name}/{c.name}" for c in cfg.classes], None
+        keys, mask, info = [c.key or f"{name}/{c.name}" for c in cfg.classes], None, {}
+        masked = [bool(getattr(c, "masked", False)) for c in cfg.classes]
+        if any(masked):
+            mask = [not m for m in masked]
         counts = class_counts(pools, len(class_names), name)
         check_classes(name, class_names, counts, mask, [str(list(c.values) if c.values else f"[{c.min}, {c.max})") for c in cfg.classes])
         total, unmatched = count_rows(rows, cfg.classes)
@@ -124,5 +128,5 @@ def build_task(name: str, cfg: Any) -> TaskData:
     row_counts = {"rows": total, "unmatched": unmatched, "repeated": total - unmatched - sum(counts),
                   "per_class": dict(zip(class_names, counts))}
     return TaskData(name=name, class_names=list(class_names), templates=list(templates),
-                    label_keys=list(keys) or [f"{name}/{c}" for c in class_names], class_mask=mask,
+                    label_keys=list(keys) or [f"{name}/{c}" for c in class_names], class_mask=mask, info=info,
                     row_counts=row_counts, **{role: sets[role] for role in SPLITS})

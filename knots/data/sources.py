@@ -45,12 +45,23 @@ def _require_text(path: str, task: str, options: Any) -> Path:
     return p
 
 
+def input_columns(cfg: Any) -> list[str]:
+    """The input columns of a task: ``input_columns`` (one, or two for a sentence pair) or ``[input_column]``."""
+    return list(getattr(cfg, "input_columns", None) or [cfg.input_column])
+
+
+def _inputs(columns: list[list[Any]]) -> list[Any]:
+    """One input per row: the value of a single input column, or the ``(first, second)`` pair."""
+    return list(columns[0]) if len(columns) == 1 else list(zip(*columns))
+
+
 def _frame_rows(frame: Any, cfg: Any, task: str) -> list[Row]:
-    for col in (cfg.input_column, cfg.label_column):
+    columns = input_columns(cfg)
+    for col in (*columns, cfg.label_column):
         if col not in frame.columns:
             raise ConfigError(f"task {task}: column {col!r} not in {cfg.path} (columns: {', '.join(map(str, frame.columns))})")
-    frame = frame[[cfg.input_column, cfg.label_column]].dropna()
-    return list(zip(frame[cfg.input_column].tolist(), frame[cfg.label_column].tolist()))
+    frame = frame[[*columns, cfg.label_column]].dropna()
+    return list(zip(_inputs([frame[c].tolist() for c in columns]), frame[cfg.label_column].tolist()))
 
 
 def _read_frame(reader: Callable[..., Any], path: Path, kind: str, task: str, **options: Any) -> Any:
@@ -115,10 +126,11 @@ def read_hf(cfg: Any, task: str) -> Rows:
 
 
 def _dataset_rows(data: Any, cfg: Any, task: str) -> list[Row]:
-    for col in (cfg.input_column, cfg.label_column):
+    columns = input_columns(cfg)
+    for col in (*columns, cfg.label_column):
         if col not in data.column_names:
             raise ConfigError(f"task {task}: column {col!r} not in dataset {cfg.path} (columns: {', '.join(data.column_names)})")
-    return list(zip(data[cfg.input_column], data[cfg.label_column]))
+    return list(zip(_inputs([data[c] for c in columns]), data[cfg.label_column]))
 
 
 def instantiate_loader(node: Any, task: str, **kwargs: Any) -> Any:

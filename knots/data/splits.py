@@ -6,12 +6,15 @@ positions, whatever else happens in the process.
 
 - :func:`stratified_parts`: split into fractions, keeping class proportions (seeded shuffles);
 - :func:`capped`: at most ``cap`` positions, stratified or balanced over classes;
+- :func:`carved_parts`: a fraction carved out of one split: stratified, or exactly the rows
+  ``datasets.Dataset.train_test_split`` puts in its ``test`` part (shuffled or not);
 - :func:`assign_roles`: train / validation / test from one pool or from a source's own splits, with a
   missing role carved out of another, then capped (``SplitConfig``).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,6 +50,33 @@ def stratified_parts(labels: Sequence[int], fractions: Sequence[float], seed: in
     for part in parts:
         rng.shuffle(part)
     return parts
+
+
+def carved_parts(labels: Sequence[int], fraction: float, seed: int, method: str = "stratified") -> tuple[list[int], list[int]]:
+    """Positions ``(carved, rest)`` of a split of ``len(labels)`` rows, ``fraction`` of them carved.
+
+    ``stratified``: per class, seeded (:func:`stratified_parts`). ``random`` and ``tail`` carve
+    ``ceil(fraction * n)`` rows, the ``test`` part of ``datasets.Dataset.train_test_split(test_size=
+    fraction, seed=seed)``: ``random`` is its shuffled cut (the head of
+    ``numpy.random.default_rng(seed).permutation(n)`` is carved, its tail is the rest), ``tail`` its
+    unshuffled cut (the last rows are carved). This is how the KnOTS reference cuts the validation sets of
+    MNLI (unshuffled), QNLI and RTE (shuffled, seed 42).
+    """
+    if method == "stratified":
+        carved, rest = stratified_parts(labels, [fraction, 1 - fraction], seed)
+        return carved, rest
+    n = len(labels)
+    n_carved = math.ceil(fraction * n)
+    if not 0 < n_carved < n:
+        raise ConfigError(f"cannot carve {fraction} of {n} examples into two non-empty parts")
+    if method == "tail":
+        return list(range(n - n_carved, n)), list(range(n - n_carved))
+    if method == "random":
+        import numpy as np
+
+        permutation = np.random.default_rng(seed).permutation(n).tolist()
+        return permutation[:n_carved], permutation[n_carved:]
+    raise ConfigError(f"unknown carve method {method!r}; expected stratified, random or tail")
 
 
 def capped(labels: Sequence[int], positions: Sequence[int], cap: int | None, seed: int, balance: bool) -> list[int]:
@@ -85,7 +115,10 @@ def assign_roles(pools: LabelledPool | Mapping[str, LabelledPool], split: Any, t
                 source = sets.get(split.carve_from)
                 if source is None:
                     raise ConfigError(f"task {task}: cannot carve {role} from missing split {split.carve_from}")
-                carved, rest = stratified_parts(source.labels, [split.carve_fraction, 1 - split.carve_fraction], split.seed)
+                try:
+                    carved, rest = carved_parts(source.labels, split.carve_fraction, split.seed, getattr(split, "carve", "stratified"))
+                except ConfigError as error:
+                    raise ConfigError(f"task {task}: {error}") from None
                 sets[role], sets[split.carve_from] = source.subset(carved), source.subset(rest)
     else:
         pool = pools if not isinstance(pools, Mapping) else LabelledPool.concat(list(pools.values()))

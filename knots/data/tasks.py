@@ -84,7 +84,9 @@ class TaskSource:
     """What a task builder (``source: task``) returns: the task's classes and its own named splits.
 
     The pipeline turns it into a :class:`TaskData` with the task's ``split`` settings, exactly as for
-    tasks read from files, so every task is split by the same code.
+    tasks read from files, so every task is split by the same code. ``info`` says where the splits
+    came from (plain JSON data: the dataset, a fixed split's rule and expected sizes...); it is
+    carried to ``TaskData.info``, the run log and results.json.
     """
 
     name: str
@@ -93,6 +95,7 @@ class TaskSource:
     splits: dict[str, LabelledPool]
     label_keys: list[str] = field(default_factory=list)
     class_mask: list[bool] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,6 +116,8 @@ class TaskData:
         row_counts: what reading the task found (for the log and results.json): ``rows`` read,
             rows that match no class (``unmatched``) and ``repeated`` inputs, both dropped, and the
             examples ``per_class`` before splitting.
+        info: how the splits were made (plain JSON data, e.g. a builder's ``TaskSource.info`` and the
+            sizes of the source's splits before any cap); reported in the run log and results.json.
     """
 
     name: str
@@ -124,6 +129,7 @@ class TaskData:
     label_keys: list[str] = field(default_factory=list)
     class_mask: list[bool] | None = None
     row_counts: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.label_keys:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from knots.errors import ConfigError
 from knots.methods import register_method
 from knots.methods.base import MergedModel, MergeInputs
-from knots.models.apply import applied
+from knots.models.apply import applied, lora_updates
 from knots.models.base import Backbone, to_device
 
 REFERENCE = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023"
@@ -98,7 +98,7 @@ def task_grams(inputs: MergeInputs, num_examples: int) -> list[dict[str, torch.T
     grams = []
     for task, adapter in zip(inputs.tasks, inputs.adapters):
         rows = [x for x, _ in task.train[:num_examples]]
-        with applied(inputs.backbone.encoder, adapter.adapter.delta_state_dict()):
+        with applied(inputs.backbone.encoder, lora_updates(adapter.adapter)):
             grams.append(input_grams(inputs.backbone, modules, rows, inputs.batch_size,
                                      f"regmean grams {task.name}" if inputs.progress else None))
     return grams
@@ -109,7 +109,8 @@ def regmean(inputs: MergeInputs, alpha: float, num_examples: int) -> MergedModel
     """RegMean: per linear layer, the least-squares merge of the finetuned weights on their tasks' inputs."""
     modules = sorted(inputs.adapters[0].adapter.modules)
     grams = inputs.cached(("regmean_grams", num_examples), lambda: task_grams(inputs, num_examples))
-    base = inputs.cached("base_weights", lambda: {k: v.detach().clone() for k, v in inputs.backbone.encoder.state_dict().items()})
+    params = dict(inputs.backbone.encoder.named_parameters())
+    base = inputs.cached("base_weights", lambda: {f"{m}.weight": params[f"{m}.weight"].detach().clone() for m in modules})
     deltas = inputs.cached("finetuned_deltas", lambda: [a.adapter.delta_state_dict() for a in inputs.adapters])
     out = {}
     for m in modules:

@@ -40,36 +40,91 @@ class PooledEncoder(nn.Module):
         if self.pooling == "last":
             # right padding: the last real token of each row
             last = mask.sum(1).clamp_min(1) - 1
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+        return ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)).float()
+
+
+#: Weight dtypes a text backbone can be loaded in.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: What is fetched from the hub: config, weights (safetensors) and tokenizer, not other formats.
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+
+def checkpoint_dir(name: str, path: str | None, hub_id: str | None, revision: str | None, cache_dir: str | None) -> str:
+    """The local directory of a checkpoint: ``path`` as given, or the hub snapshot of ``hub_id``.
+
+    A hub checkpoint is downloaded once into the Hugging Face cache (``cache_dir``, default
+    ``$HF_HOME/hub``) and then read from it, also offline (``HF_HUB_OFFLINE=1``). When it is neither cached
+    nor downloadable the error is one line naming the hub id.
+    """
+    if path:
+        if not Path(path, "config.json").is_file():
+            raise ConfigError(f"model {name}: no config.json in {path}")
+        return str(path)
+    if not hub_id:
+        raise ConfigError(f"model {name}: give model.backbone.path (a local checkpoint) or model.backbone.hub_id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(hub_id, revision=revision, cache_dir=cache_dir, allow_patterns=CHECKPOINT_FILES)
+    except Exception as error:  # offline and not cached, gated, missing, network: one line for the user
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"model {name}: cannot get {hub_id} from the Hugging Face hub or its cache ({reason}); "
+                          f"download it once (huggingface-cli download {hub_id}) or set model.backbone.path") from None
 
 
 class TextBackbone(Backbone):
-    """A transformers encoder or decoder loaded from a local directory (never from the network).
+    """A transformers encoder or decoder from a local directory or the Hugging Face hub (cached).
 
     Args:
-        path: directory holding ``config.json``, weights and tokenizer files.
+        path: directory holding ``config.json``, weights and tokenizer files (read, never downloaded).
         name: identifier for cache keys and reports.
         max_length: tokens per input after truncation.
         batch_size: inputs per forward pass when embedding class names.
         pooling: ``mean`` (masked mean of the last hidden states) or ``last`` (the last real token).
+        hub_id: a hub model id (e.g. ``meta-llama/Meta-Llama-3-8B``), used when ``path`` is not given:
+            downloaded once (``revision``) into ``cache_dir`` (default: the Hugging Face cache).
+        dtype: weight dtype (``float32``, ``bfloat16``, ``float16``); features are returned in float32.
+        gradient_checkpointing: recompute each layer's activations in the backward pass instead of
+            keeping them (training memory of one layer instead of all; about one more forward pass).
+        device_map: spread a model that does not fit one device over the node's devices
+            (``"auto"``: transformers and accelerate place its layers, e.g. over several GPUs requested with
+            ``hydra.launcher.gpus_per_node``); the run's ``device`` is then not applied.
+
+    Without a pad token (Llama's tokenizer) the end-of-text token pads, on the right.
     """
 
-    def __init__(self, path: str, name: str, max_length: int = 128, batch_size: int = 64, pooling: str = "mean") -> None:
+    def __init__(self, path: str | None = None, name: str = "text", max_length: int = 128, batch_size: int = 64,
+                 pooling: str = "mean", hub_id: str | None = None, revision: str | None = None,
+                 cache_dir: str | None = None, dtype: str = "float32", gradient_checkpointing: bool = False,
+                 device_map: str | dict[str, Any] | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if not Path(path, "config.json").is_file():
-            raise ConfigError(f"model {name}: no config.json in {path}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"model {name}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        if path:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        local = checkpoint_dir(name, path, hub_id, revision, cache_dir)
         self.name = name
         self.max_length = max_length
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(local, local_files_only=True, dtype=DTYPES[dtype], device_map=device_map)
+        #: Spread over several devices by ``device_map`` (accelerate's hooks move activations between them):
+        #: the pipeline then leaves its placement alone instead of moving it to ``device``.
+        self.dispatched = device_map is not None
+        if gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
         self.encoder = PooledEncoder(model, pooling).eval()
         self.feature_dim = int(model.config.hidden_size)
         for p in self.encoder.parameters():

@@ -18,13 +18,13 @@ import torch
 from knots.heads import HeadSet
 from knots.methods.base import Candidate, FinetunedEnsemble, MergedModel, TaskAdapter
 from knots.metrics import accuracy, summarize
-from knots.models.apply import applied
+from knots.models.apply import Update, applied, lora_updates
 from knots.models.base import Backbone
 from knots.pipeline.cache import entry_lock, short_hash, verified_entry, write_entry
 from knots.taskpool import EvalSet, ensemble_scores, score_features
 
 
-def features(backbone: Backbone, data: EvalSet, heads: HeadSet, delta: Mapping[str, torch.Tensor] | None,
+def features(backbone: Backbone, data: EvalSet, heads: HeadSet, delta: Mapping[str, Update] | None,
              desc: str | None = None) -> torch.Tensor:
     """Head inputs of every example of ``data`` for the backbone with ``delta`` applied (if any)."""
     if not delta:
@@ -36,18 +36,32 @@ def features(backbone: Backbone, data: EvalSet, heads: HeadSet, delta: Mapping[s
 @dataclass
 class FinetunedOutputs:
     """Each finetuned model's head inputs per split (in task order), its own-task accuracies, and the
-    normalizers they give (per split, per task)."""
+    normalizers (per split, per task): the measured accuracies, or ``fixed`` values (e.g. the
+    paper's) used on validation and test alike."""
 
     features: dict[str, list[torch.Tensor]]
     accuracies: dict[str, dict[str, float]]
+    fixed: dict[str, float] | None = None
 
     @property
     def normalizers(self) -> dict[str, dict[str, float]]:
+        if self.fixed is not None:
+            return {split: {t: self.fixed[t] for t in self.accuracies} for split in ("validation", "test")}
         return {split: {t: acc[f"{key}_accuracy"] for t, acc in self.accuracies.items()}
                 for split, key in (("validation", "val"), ("test", "test"))}
 
 
 FEATURES_NAME = "features.safetensors"
+
+
+def fixed_normalizers(cfg: Any) -> dict[str, float] | None:
+    """The run's fixed normalizers per task: the paper's (``normalizers: paper``, by the backbone's
+    ``arch``, from :mod:`knots.vision.paper`), or None to use the measured accuracies."""
+    if cfg.normalizers == "measured":
+        return None
+    from knots.vision.paper import paper_normalizers
+
+    return paper_normalizers(cfg.model.backbone.get("arch"), cfg.benchmark.task_names)
 
 
 def feature_cache_path(cache_dir: str | Path, adapter: TaskAdapter, task_definitions: Mapping[str, Any],
@@ -80,12 +94,14 @@ def _cached_features(cache: Path, compute: Any) -> dict[str, torch.Tensor]:
 
 
 def evaluate_finetuned(backbone: Backbone, heads: HeadSet, data: Mapping[str, EvalSet], adapters: Sequence[TaskAdapter],
-                       cache_paths: Sequence[Path | None], progress: bool = False) -> FinetunedOutputs:
-    """Every finetuned model on every task's inputs of each split (features cached at ``cache_paths``)."""
+                       cache_paths: Sequence[Path | None], progress: bool = False,
+                       fixed_normalizers: Mapping[str, float] | None = None) -> FinetunedOutputs:
+    """Every finetuned model on every task's inputs of each split (features cached at ``cache_paths``);
+    ``fixed_normalizers`` (per task) replace the measured accuracies as normalizers."""
     feats: dict[str, list[torch.Tensor]] = {s: [] for s in data}
     for adapter, cache in zip(adapters, cache_paths):
         def compute(adapter: TaskAdapter = adapter) -> dict[str, torch.Tensor]:
-            delta = adapter.adapter.delta_state_dict()
+            delta = lora_updates(adapter.adapter)
             return {split: features(backbone, d, heads, delta, f"finetuned {adapter.task} {split}" if progress else None)
                     for split, d in data.items()}
 
@@ -99,7 +115,7 @@ def evaluate_finetuned(backbone: Backbone, heads: HeadSet, data: Mapping[str, Ev
             sl = data[split].slices[adapter.task]
             accs[f"{key}_accuracy"] = accuracy(heads.per_task[adapter.task].logits(feats[split][i][sl]), data[split].labels[sl])
         accuracies[adapter.task] = accs
-    return FinetunedOutputs(feats, accuracies)
+    return FinetunedOutputs(feats, accuracies, None if fixed_normalizers is None else dict(fixed_normalizers))
 
 
 @dataclass

@@ -16,6 +16,10 @@ With ``eval_every`` the validation accuracy is measured during training and the 
 the last) becomes the adapter; ``patience`` stops training after that many evaluations without
 improvement. On CUDA, ``precision`` runs forward passes under autocast (bf16, or fp16 with loss
 scaling). ``num_workers > 0`` decodes and collates batches in DataLoader workers, in the same order.
+The authors' recipe adds a cosine horizon apart from the training length (``schedule_steps``), a
+minimum improvement for early stopping, fp32 with a gradient scaler and a training logit scale apart
+from the evaluation one (``knots.config.schema.FinetuneConfig``); ``cfg`` is one task's settings, with
+its steps resolved (``knots.pipeline.training.task_recipe``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +48,8 @@ from knots.pipeline.cache import (META_NAME, entry_checksum, entry_lock, move_as
                                   write_entry)
 from knots.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from knots.pipeline.logger import NullLogger
-from knots.pipeline.training import (BestState, Logits, StepBatches, accuracy, autocast, collated_batches, lr_lambda,
-                                     resolve_precision)
+from knots.pipeline.training import (SCALED_PRECISIONS, BestState, Logits, StepBatches, accuracy, autocast,
+                                     collated_batches, lr_lambda, resolve_precision, warmup_length)
 
 log = logging.getLogger("knots.pipeline")
 
@@ -65,23 +70,27 @@ class TrainedHeadSpec:
 TrainingHead = Head | TrainedHeadSpec
 
 
-def head_of(model: nn.Module, head: TrainingHead) -> Logits:
-    """``features -> logits`` of the model being trained (for a trained head, its live parameters)."""
+def head_of(model: nn.Module, head: TrainingHead, scale: float | None = None) -> Logits:
+    """``features -> logits`` of the model being trained (for a trained head, its live parameters);
+    ``scale`` replaces a zero-shot head's logit scale (``finetune.train_logit_scale``)."""
     if isinstance(head, Head):
         frozen = head.to(next(model.parameters()).device)
+        if scale is not None:
+            frozen = dataclasses.replace(frozen, scale=scale)
         return lambda features: frozen.logits(nn.functional.normalize(features, dim=-1))
     wrapper = model.get_submodule(f"base_model.model.{head.module}")
     linear = wrapper.modules_to_save[wrapper.active_adapters[0]] if hasattr(wrapper, "modules_to_save") else wrapper
     return lambda features: head_logits(features, linear.weight, linear.bias, 1.0, head.mask)
 
 
-def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None) -> nn.Module:
-    """A copy of the backbone's encoder with fresh (seeded) LoRA layers and, for a trained head, a
-    fresh seeded head at ``<copy>.<head.module>`` saved by PEFT as ``modules_to_save``; the original
-    encoder stays untouched."""
+def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None, *,
+                 in_place: bool = False) -> nn.Module:
+    """A copy of the backbone's encoder (or, ``in_place``, the encoder itself) with fresh (seeded) LoRA
+    layers and, for a trained head, a fresh seeded head at ``<encoder>.<head.module>`` saved by PEFT as
+    ``modules_to_save``. Without ``in_place`` the original encoder stays untouched."""
     from peft import LoraConfig, get_peft_model
 
-    encoder = copy.deepcopy(backbone.encoder)
+    encoder = backbone.encoder if in_place else copy.deepcopy(backbone.encoder)
     if head is not None:
         setattr(encoder, head.module, init_head_module(backbone.feature_dim, head.num_classes, head.seed, head.bias)
                 .to(device=backbone.device))
@@ -96,6 +105,57 @@ def peft_encoder(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec
         modules_to_save=[head.module] if head is not None else None,
     )
     return get_peft_model(encoder, config)
+
+
+def load_initial_state(model: nn.Module, source: str) -> None:
+    """Start from a saved adapter's LoRA (and head) instead of the fresh seeded ones: ``source`` is a PEFT
+    adapter directory or a hub id (e.g. the authors' shared ``hoffman-lab/KnOTS-Llama3_8B_lora_R16_pretrained_model``),
+    downloaded once into the Hugging Face cache. Every trained weight must be in it, with its shape."""
+    from peft import set_peft_model_state_dict
+
+    from knots.errors import AdapterError, ConfigError
+    from knots.lora import read_weights
+
+    path = Path(source)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(source, allow_patterns=["adapter_config.json", "adapter_model.*"]))
+        except Exception as error:  # offline and not cached, missing repo, auth: one line for the user
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(f"finetune.init_adapter: cannot get {source} from the Hugging Face hub or its cache ({reason})") from None
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        result = set_peft_model_state_dict(model, read_weights(path))
+    except RuntimeError as error:  # a shape mismatch
+        raise AdapterError(f"{path}: the initial adapter does not fit the model ({str(error).splitlines()[-1].strip()})") from None
+    missing = sorted(trained & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        problem = f"no weight for {missing[0]!r}" if missing else f"unexpected weight {result.unexpected_keys[0]!r}"
+        raise AdapterError(f"{path}: the initial adapter does not fit the model ({problem})")
+
+
+@contextmanager
+def training_model(backbone: Backbone, lora: Any, seed: int, head: TrainedHeadSpec | None = None,
+                   init: str | None = None) -> Iterator[nn.Module]:
+    """The backbone's encoder wrapped in place for training (:func:`peft_encoder`), optionally starting
+    from the adapter ``init`` (:func:`load_initial_state`): no copy of the model is made (an 8B model is not
+    copied). On exit, also after an error, PEFT's ``unload`` puts every base layer back in place of its
+    LoRA layer and the head is removed, so the encoder holds exactly the modules and (never trained)
+    weights it held before."""
+    encoder = backbone.encoder
+    was_training = encoder.training
+    model = peft_encoder(backbone, lora, seed, head, in_place=True)
+    try:
+        if init:
+            load_initial_state(model, init)
+        yield model
+    finally:
+        model.unload()
+        if head is not None and hasattr(encoder, head.module):
+            delattr(encoder, head.module)
+        encoder.train(was_training)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -128,7 +188,9 @@ def finetune(
         if verified_entry(out_dir, what="cached adapter"):
             info = json.loads((out_dir / META_NAME).read_text())
             return {**info, "reused": True, "status": "reused", "checksum": entry_checksum(out_dir)}
-        return _train(backbone, task, head, lora, cfg, out_dir, logger or NullLogger(), progress, on_step, meta)
+        with training_model(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None,
+                            getattr(cfg, "init_adapter", None)) as model:
+            return _train(model, backbone, task, head, cfg, out_dir, logger or NullLogger(), progress, on_step, meta)
 
 
 def _resume_state(partial: Path, task: str) -> dict[str, Any] | None:
@@ -158,25 +220,29 @@ def _restore(state: dict[str, Any], params: dict[str, nn.Parameter], opt: torch.
     torch.set_rng_state(state["rng"])
 
 
-def _train(backbone: Backbone, task: TaskData, head: TrainingHead, lora: Any, cfg: Any, out_dir: Path,
+def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingHead, cfg: Any, out_dir: Path,
            logger: NullLogger, progress: bool, on_step: Callable[[int], None] | None,
            meta: dict[str, Any] | None) -> dict[str, Any]:
-    """Train the adapter of ``task`` into ``out_dir`` (the caller holds its lock), resuming if possible."""
+    """The training loop of :func:`finetune` on ``model`` (the PEFT-wrapped encoder; the caller holds the
+    lock of ``out_dir``), resuming from the checkpoint next to it if there is a usable one."""
     partial = partial_dir(out_dir)
     device = backbone.device
     precision = resolve_precision(cfg.precision, device)
     evaluating = bool(cfg.eval_every)
     state = _resume_state(partial, task.name)
 
-    def build() -> tuple[nn.Module, Logits, dict[str, nn.Parameter], torch.optim.Optimizer, Any, torch.amp.GradScaler]:
-        model = peft_encoder(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None)
-        params = _trainable(model)
-        opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        return model, head_of(model, head), params, opt, sched, scaler
+    logits_of = head_of(model, head, cfg.train_logit_scale)
+    eval_logits_of = head_of(model, head)
+    params = _trainable(model)
+    initial = {n: p.detach().clone() for n, p in params.items()}
 
-    model, logits_of, params, opt, sched, scaler = build()
+    def optimizers() -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+        opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_length(cfg), cfg.schedule_steps or cfg.steps,
+                                                                 getattr(cfg, "schedule", "cosine")))
+        return opt, sched, torch.amp.GradScaler(device.type, enabled=precision in SCALED_PRECISIONS)
+
+    opt, sched, scaler = optimizers()
     step, resumed_from, losses, best = 0, 0, [], BestState()
     if state is not None:
         try:
@@ -188,7 +254,10 @@ def _train(backbone: Backbone, task: TaskData, head: TrainingHead, lora: Any, cf
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             move_aside(partial, f"it does not fit: {str(error).splitlines()[0]}", what=f"the resume checkpoint of {task.name}",
                        then="finetuning from scratch")
-            model, logits_of, params, opt, sched, scaler = build()
+            with torch.no_grad():  # back to the fresh start: the initial weights and new optimizer state
+                for name, value in initial.items():
+                    params[name].copy_(value)
+            opt, sched, scaler = optimizers()
             state = None
     if state is None:
         torch.manual_seed(cfg.seed)
@@ -224,8 +293,8 @@ def _train(backbone: Backbone, task: TaskData, head: TrainingHead, lora: Any, cf
             acc = (logits.argmax(1) == target).float().mean().item() * 100
             logger.log({f"{prefix}step": step, f"{prefix}loss": loss.item(), f"{prefix}acc": acc, f"{prefix}lr": sched.get_last_lr()[0]})
         if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val = accuracy(model, backbone, task.validation, logits_of, cfg.eval_batch_size, precision, cfg.num_workers)
-            best.update(step, val, params)
+            val = accuracy(model, backbone, task.validation, eval_logits_of, cfg.eval_batch_size, precision, cfg.num_workers)
+            best.update(step, val, params, cfg.min_improvement)
             logger.log({f"{prefix}step": step, f"{prefix}val_acc": val, f"{prefix}best_val_acc": best.accuracy})
             stop = bool(cfg.patience) and best.bad_evals >= cfg.patience
         if step % cfg.checkpoint_every == 0 and step < cfg.steps and not stop:

@@ -18,7 +18,7 @@ from knots.analyses import AnalysisContext
 from knots.config.schema import RunConfig, check_device
 from knots.methods import MergeInputs
 from knots.modelpool import ModelPool
-from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path
+from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path, fixed_normalizers
 from knots.pipeline.cache import check_cache_dir, plain_for_key
 from knots.pipeline.logger import make_logger
 from knots.pipeline.report import results_table, write_results
@@ -43,6 +43,8 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
     tasks = TaskPool.load(cfg.benchmark)
     models = ModelPool.build(cfg.model, cfg.device)
     zero_shot = None if models.trains_heads else tasks.zero_shot_heads(models.backbone)
+    for line in tasks.describe_splits():
+        log.info(line)
     logger = make_logger(cfg.logger, output_dir, config, name=output_dir.name)
     seconds: dict[str, float] = {}
     exit_code = 1
@@ -59,6 +61,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
             "search": cfg.search.strategy,
             "examples": tasks.sizes(),
             "rows": tasks.row_counts(),
+            "splits": tasks.split_info(),
             "adapters": [{k: a.info.get(k) for k in ("task", "path", "status", "reused", "resumed_from")} for a in adapters],
             "seconds": seconds,
         }
@@ -77,8 +80,9 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
         digests = [task.digest for task in tasks.tasks]
         caches = [feature_cache_path(cfg.paths.cache_dir, a, definitions, digests, cfg.finetune.eval_batch_size, heads.kind)
                   for a in adapters]
-        finetuned = evaluate_finetuned(models.backbone, heads, data, adapters, caches, cfg.progress)
+        finetuned = evaluate_finetuned(models.backbone, heads, data, adapters, caches, cfg.progress, fixed_normalizers(cfg))
         seconds["evaluate_finetuned"] = time.perf_counter() - t
+        meta["normalizers"] = {"source": cfg.normalizers, **finetuned.normalizers}
 
         evaluator = Evaluator(models.backbone, heads, data, finetuned, cfg.progress)
         inputs = MergeInputs(adapters, models.backbone, tasks.tasks, cfg.finetune.eval_batch_size, cfg.progress)

@@ -25,7 +25,7 @@ from knots.modelpool import ModelPool, given_adapters
 from knots.pipeline.evaluate import Evaluator
 from knots.pipeline.cache import adapter_dir, cache_key
 from knots.pipeline.finetune import finetune
-from knots.pipeline.training import resolve_precision
+from knots.pipeline.training import resolve_precision, task_recipe
 from knots.pipeline.logger import NullLogger
 from knots.pipeline.search import SearchResult, select
 from knots.taskpool import TaskPool
@@ -38,6 +38,7 @@ def finetune_stage(models: ModelPool, tasks: TaskPool, zero_shot: HeadSet | None
                    logger: NullLogger | None = None) -> list[TaskAdapter]:
     """One adapter per task: given ones (``adapters.paths`` / ``adapters.loader``), or finetuned into
     the adapter cache (a cached adapter is reused, an interrupted one resumed)."""
+    models.check_tasks(tasks.tasks)
     if cfg.adapters.given:
         paths = given_adapters(cfg.adapters, tasks.names, cfg.paths.cache_dir)
         return [models.load(task, paths[task.name], {"task": task.name, "path": str(paths[task.name]), "status": "given",
@@ -46,10 +47,11 @@ def finetune_stage(models: ModelPool, tasks: TaskPool, zero_shot: HeadSet | None
     precision = resolve_precision(cfg.finetune.precision, models.backbone.device)
     out = []
     for task in tqdm(tasks.tasks, desc="finetune", disable=not cfg.progress):
-        key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], cfg.finetune, task, precision)
+        recipe = task_recipe(cfg.finetune, task.name, len(task.train))
+        key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], recipe, task, precision)
         path = adapter_dir(cfg.paths.cache_dir, task.name, key)
-        head = models.training_head(task, zero_shot, cfg.finetune.seed)
-        info = finetune(models.backbone, task, head, cfg.model.lora, cfg.finetune, path,
+        head = models.training_head(task, zero_shot, recipe.seed)
+        info = finetune(models.backbone, task, head, cfg.model.lora, recipe, path,
                         logger=logger, progress=cfg.progress, meta={"cache_key": key})
         log.info("adapter %s: %s (%s)", task.name, path, info["status"])
         out.append(models.load(task, path, {**info, "path": str(path), "cache_key": key}))

@@ -4,6 +4,7 @@ precision, the learning-rate schedule, early-stopping state and accuracy through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -36,9 +37,17 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+#: Precisions that scale the loss with a ``GradScaler``: fp16 autocast, and fp32 with a scaler (the
+#: authors' recipe: no autocast, but the loss is scaled and steps with non-finite gradients skipped).
+SCALED_PRECISIONS = ("fp16", "fp32_scaled")
+
+
 def resolve_precision(requested: str, device: torch.device | str) -> str:
-    """The precision finetuning runs in: fp32 off CUDA; on CUDA ``auto`` is bf16 where supported, else fp16."""
+    """The precision finetuning runs in: fp32 off CUDA; on CUDA ``auto`` is bf16 where supported, else fp16.
+    ``fp32_scaled`` (fp32 with a gradient scaler) runs on any device."""
     device = torch.device(device)
+    if requested == "fp32_scaled":
+        return requested
     if device.type != "cuda":
         if requested in AUTOCAST_DTYPES:
             raise ConfigError(f"finetune.precision {requested} needs a CUDA device (device is {device})")
@@ -127,23 +136,62 @@ class BestState:
     bad_evals: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)
 
-    def update(self, step: int, acc: float, params: dict[str, nn.Parameter]) -> None:
-        """Record an evaluation; a strictly better one replaces the kept LoRA state."""
+    def update(self, step: int, acc: float, params: dict[str, nn.Parameter], min_improvement: float = 0.0) -> None:
+        """Record an evaluation; one better than the best by more than ``min_improvement`` (points of
+        accuracy, the authors' ``min_delta``) replaces the kept LoRA state, any other counts as a bad
+        evaluation. The best starts at -1%, so without a margin the first evaluation always counts (the
+        authors' stopper starts at 0%: the two differ only for an accuracy within the margin of 0%)."""
         self.history.append((step, acc))
-        if acc > self.accuracy:
+        if acc > self.accuracy + min_improvement:
             self.accuracy, self.step, self.bad_evals = acc, step, 0
             self.lora = {n: p.detach().clone() for n, p in params.items()}
         else:
             self.bad_evals += 1
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then cosine decay to zero."""
+def warmup_length(cfg: Any) -> float:
+    """Warm-up steps of a finetuning config: ``warmup_fraction * steps`` when set (fractional, as the
+    reference computes 6% of its steps), else ``warmup_steps``."""
+    fraction = getattr(cfg, "warmup_fraction", None)
+    return cfg.warmup_steps if fraction is None else fraction * cfg.steps
+
+
+def lr_lambda(warmup: float, total: int, schedule: str = "cosine") -> Callable[[int], float]:
+    """The learning-rate factor of each step; ``total`` is the schedule's horizon.
+
+    ``cosine``: linear warm-up to the peak (``(step + 1) / warmup``), then cosine decay to zero at step
+    ``total``. Past the horizon the cosine goes on (the factor rises again), as the authors' ``cosine_lr``
+    does; with the horizon at the training length (the default) no step gets there.
+    ``linear``: ``transformers.get_linear_schedule_with_warmup``, the reference's Llama3-8B schedule: warm-up
+    from zero (``step / warmup``, ``warmup`` may be fractional, e.g. 6% of the steps), then linear decay
+    to zero at ``total``.
+    """
+    if schedule == "linear":
+        def linear(step: int) -> float:
+            if step < warmup:
+                return float(step) / float(max(1, warmup))
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+        return linear
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def task_recipe(cfg: Any, task: str, n_train: int) -> Any:
+    """The finetuning settings of one task, with its training length resolved.
+
+    ``epochs_per_task[task]`` or else ``epochs`` (when set) becomes ``steps = epochs *
+    ceil(n_train / batch_size)``; a ``schedule_steps`` equal to the training length becomes null. The
+    result trains the same adapter as the settings it came from, and its cache key changes exactly
+    when the adapter does (another task's epochs, or ``epochs`` spelled as ``steps``, do not).
+    """
+    epochs = cfg.epochs_per_task.get(task, cfg.epochs)
+    steps = epochs * math.ceil(n_train / cfg.batch_size) if epochs is not None else cfg.steps
+    horizon = None if cfg.schedule_steps == steps else cfg.schedule_steps
+    return dataclasses.replace(cfg, steps=steps, epochs=None, epochs_per_task={}, schedule_steps=horizon)

@@ -5,8 +5,19 @@ prompts (``baseball_diamond`` -> ``baseball diamond``); where the standard promp
 names instead (EuroSAT, GTSRB), ``prompt_names`` maps each label, and every mapping is checked
 against the feature so that a reordered or different mirror fails loudly instead of mislabelling.
 
-The builder returns a ``TaskSource`` holding the dataset's own splits as lazy pools; the pipeline
-splits them with the task's ``split`` settings (``knots.data.splits``), like every other task.
+The builder returns a ``TaskSource`` holding lazy pools; the pipeline splits them with the task's
+``split`` settings (``knots.data.splits``), like every other task. Which pools:
+
+- by default, the dataset's own splits (``train``, ``test`` and ``validation`` where it has one);
+- with ``reference_split``, the authors' splits (:mod:`knots.vision.paper`) as ``train``,
+  ``validation`` and ``test``, which the task's ``split.source_splits`` then maps one to one. Cars,
+  GTSRB, MNIST, SUN397 and SVHN take validation and test from the dataset's test split with the
+  authors' fixed permutation (the first ``int(0.2 n)`` indices are validation, the rest test;
+  :mod:`knots.vision.reference_split`); DTD, EuroSAT and RESISC45 use the dataset's own validation
+  split. The official sizes are checked: another size is a one-line error.
+
+``TaskSource.info`` says where the pools came from (the dataset, and under ``reference_split`` the
+rule, the expected sizes, the row order and the index file); it reaches the run log and results.json.
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 from knots.data.tasks import LabelledPool, LazyInput, TaskSource
 from knots.errors import ConfigError
+from knots.vision import paper
+from knots.vision.reference_split import (authors_order, fetch_index_file, file_names, index_url, load_permutation,
+                                          permutation_split)
 from knots.vision.templates import templates_for
 
 
@@ -52,10 +65,12 @@ def _norm(text: str) -> str:
 
 
 def prompt_name(raw: str) -> str:
-    """A label name as prompts use it: SUN397-style paths lose their letter folder, separators become spaces."""
-    if raw.startswith("/"):  # "/b/bakery/shop" -> "bakery shop"
-        raw = raw.strip("/").split("/", 1)[-1]
-    return " ".join(raw.replace("/", " ").replace("_", " ").split())
+    """A label name as prompts use it: underscores become spaces; SUN397-style paths
+    (``/b/bakery/shop``) lose their letter folder and their slashes (``bakery shop``). Other slashes
+    are part of the name (Stanford Cars' ``Ram C/V Cargo Van Minivan 2012``) and stay."""
+    if raw.startswith("/"):
+        raw = raw.strip("/").split("/", 1)[-1].replace("/", " ")
+    return " ".join(raw.replace("_", " ").split())
 
 
 def class_names_from_feature(task: str, feature_names: Sequence[str], num_classes: int | None,
@@ -93,11 +108,66 @@ def label_feature_names(data: Any, label_key: str, task: str) -> list[str]:
     return list(names)
 
 
+def _pool(data: Any, image_key: str, label_key: str) -> LabelledPool:
+    return LabelledPool(LazyImages(data.select_columns([image_key]), image_key), list(data[label_key]))
+
+
+def reference_pools(name: str, splits: Mapping[str, Any], *, image_key: str = "image", label_key: str = "label",
+                    paper_task: str | None = None, split_names: Mapping[str, str] | None = None,
+                    test_order: str | None = None, cache_dir: str | None = None) -> tuple[dict[str, LabelledPool], dict[str, Any]]:
+    """The authors' ``train`` / ``validation`` / ``test`` pools of one task, and how they were made.
+
+    ``paper_task``: the paper's task name (default ``name``); ``split_names``: the dataset's names of
+    the roles where they differ; ``test_order``: overrides the row order the permutation indexes
+    (``paper.TEST_ORDERS``); the index files are cached under ``cache_dir``. Sizes are checked
+    against the official ones.
+    """
+    spec = paper.reference_split(paper_task or name)
+    names = {"train": "train", "validation": "validation", "test": "test", **(split_names or {})}
+    for role in ("train", "test"):
+        if names[role] not in splits:
+            raise ConfigError(f"task {name}: the dataset has no {names[role]!r} split (splits: {', '.join(splits)})")
+    train = _pool(splits[names["train"]], image_key, label_key)
+    info: dict[str, Any] = {"split": "reference", "expected": {"validation": spec.validation, "test": spec.test}}
+    if spec.index_file is None:
+        if names["validation"] not in splits:
+            raise ConfigError(f"task {name}: the reference split uses the official validation split, and this dataset "
+                              f"has none (splits: {', '.join(splits)}); load one that has it, e.g. {spec.mirror}")
+        validation = _pool(splits[names["validation"]], image_key, label_key)
+        test = _pool(splits[names["test"]], image_key, label_key)
+        info.update(validation=f"the dataset's {names['validation']!r} split", test=f"the dataset's {names['test']!r} split")
+    else:
+        data = splits[names["test"]]
+        n = len(data)
+        if n != spec.permutation_length:
+            raise ConfigError(f"task {name}: the authors' permutation covers {spec.permutation_length} test images, this "
+                              f"dataset's {names['test']!r} split has {n} (another mirror or revision?)")
+        full = _pool(data, image_key, label_key)
+        order = test_order or spec.test_order
+        rows = authors_order(order, n, full.labels, file_names(data, image_key) if order != "dataset" else None, name)
+        perm = load_permutation(fetch_index_file(spec.index_file, spec.sha256, cache_dir), spec.permutation_length)
+        val_positions, test_positions = permutation_split(perm, paper.VALIDATION_FRACTION)
+        validation, test = full.subset(rows[val_positions].tolist()), full.subset(rows[test_positions].tolist())
+        info.update(validation=f"the first {len(validation)} of the authors' permutation of the {names['test']!r} split",
+                    test=f"the other {len(test)} of that permutation", test_order=order,
+                    index_file={"url": index_url(spec.index_file), "sha256": spec.sha256})
+    found = {"validation": len(validation), "test": len(test)}
+    if found != info["expected"]:
+        raise ConfigError(f"task {name}: the reference protocol expects {spec.validation} validation and {spec.test} test "
+                          f"images, the data gives {found['validation']} validation, {found['test']} test "
+                          f"(another mirror or revision?)")
+    return {"train": train, "validation": validation, "test": test}, info
+
+
 def task_from_splits(name: str, splits: Mapping[str, Any], *, template_set: str | None = None,
                      image_key: str = "image", label_key: str = "label", num_classes: int | None = None,
-                     prompt_names: Sequence[Sequence[str]] | None = None, label_namespace: str | None = None) -> TaskSource:
+                     prompt_names: Sequence[Sequence[str]] | None = None, label_namespace: str | None = None,
+                     reference_split: bool = False, paper_task: str | None = None,
+                     split_names: Mapping[str, str] | None = None, test_order: str | None = None,
+                     cache_dir: str | None = None) -> TaskSource:
     """A task source from loaded ``datasets`` splits (a ``DatasetDict`` or a plain mapping): every split
-    as a lazy pool, class names checked against the label features (equal in every split)."""
+    as a lazy pool, or with ``reference_split`` the authors' three (:func:`reference_pools`, which the
+    remaining options configure); class names checked against the label features (equal in every split)."""
     if not splits:
         raise ConfigError(f"task {name}: the dataset has no splits")
     first = next(iter(splits))
@@ -108,21 +178,29 @@ def task_from_splits(name: str, splits: Mapping[str, Any], *, template_set: str 
         if image_key not in data.column_names:
             raise ConfigError(f"task {name}: column {image_key!r} not in split {split!r} (columns: {', '.join(data.column_names)})")
     class_names = class_names_from_feature(name, feature_names, num_classes, prompt_names)
-    pools = {split: LabelledPool(LazyImages(data.select_columns([image_key]), image_key), list(data[label_key]))
-             for split, data in splits.items()}
+    if reference_split:
+        pools, info = reference_pools(name, splits, image_key=image_key, label_key=label_key, paper_task=paper_task,
+                                      split_names=split_names, test_order=test_order, cache_dir=cache_dir)
+    else:
+        unused = [k for k, v in (("paper_task", paper_task), ("split_names", split_names), ("test_order", test_order)) if v]
+        if unused:
+            raise ConfigError(f"task {name}: {', '.join(unused)} applies only with reference_split: true")
+        pools, info = {split: _pool(data, image_key, label_key) for split, data in splits.items()}, {"split": "dataset"}
     namespace = label_namespace or name
     return TaskSource(name=name, class_names=class_names, templates=templates_for(template_set or name), splits=pools,
-                      label_keys=[f"{namespace}/{c}" for c in class_names])
+                      label_keys=[f"{namespace}/{c}" for c in class_names], info=info)
 
 
 def hf_image_task(name: str, hf_path: str, hf_name: str | None = None, cache_dir: str | None = None,
                   revision: str | None = None, **options: Any) -> TaskSource:
     """Load ``hf_path`` (``load_dataset``, cached in ``cache_dir``) and build the task; see
-    :func:`task_from_splits` for ``options``."""
+    :func:`task_from_splits` for ``options`` (the reference split's index files share ``cache_dir``)."""
     import datasets
 
     try:
         data = datasets.load_dataset(hf_path, hf_name, cache_dir=cache_dir, revision=revision)
     except Exception as error:  # network, missing config and cache errors come in many types
         raise ConfigError(f"task {name}: cannot load dataset {hf_path!r} ({str(error).splitlines()[0]})") from None
-    return task_from_splits(name, data, **options)
+    source = task_from_splits(name, data, cache_dir=cache_dir, **options)
+    source.info["dataset"] = {"hf_path": hf_path, "hf_name": hf_name, "revision": revision}
+    return source

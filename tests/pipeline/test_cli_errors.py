@@ -135,4 +135,4 @@ def test_rows_that_match_no_class_are_counted_in_the_log_and_results(compose_run
     assert counts == {"rows": 70, "unmatched": 9, "repeated": 1, "per_class": {"negative": 30, "positive": 30}}
     assert json.loads((tmp_path / "run" / "results.json").read_text())["meta"]["rows"]["mood"] == counts
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("task mood: "))
-    assert line == "task mood: 70 rows, 9 matching no class and 1 repeated (dropped); examples per class: negative 30, positive 30"
+    assert line == "task mood: 36 train, 12 validation, 12 test; 70 rows read, 9 matching no class and 1 repeated (dropped); examples per class: negative 30, positive 30"

@@ -20,7 +20,8 @@ TARGETS = ["query", "key", "value", "attention.output.dense"]
 LORA = SimpleNamespace(r=4, alpha=8, dropout=0.1, target_modules=TARGETS, use_rslora=False)
 CFG = SimpleNamespace(steps=6, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, seed=0,
                       checkpoint_every=2, log_every=1, eval_every=None, patience=None, precision="auto",
-                      num_workers=0, eval_batch_size=8)
+                      num_workers=0, eval_batch_size=8, schedule_steps=None, min_improvement=0.0,
+                      train_logit_scale=ZERO_SHOT_SCALE)
 
 
 class Interrupt(Exception):

@@ -50,9 +50,7 @@ def test_the_paper_experiments_are_all_found():
             "vitl14_per_task", "vitl14_joint", "vitl14_paper_adapters"} <= set(VISION_EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", VISION_EXPERIMENTS)
-def test_every_vision_experiment_validates(tmp_path, experiment):
-    cfg = to_run_config(compose(tmp_path, f"experiment={experiment}"))
+def _check_common(cfg, experiment):
     assert cfg.benchmark.task_names == ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
     assert cfg.model.backbone["_target_"] == "knots.vision.clip.ClipBackbone"
     assert cfg.search.metric == ("joint_hits@3" if experiment.endswith("_joint") else "avg_normalized_accuracy")
@@ -61,9 +59,9 @@ def test_every_vision_experiment_validates(tmp_path, experiment):
         assert task.source == "task" and task.classes == []
         assert callable(get_object(task.loader["_target_"]))
     ft = cfg.finetune
-    assert (ft.batch_size, ft.warmup_steps) == (32, 500)
-    assert ft.eval_every and ft.patience, "vision finetuning stops early on validation accuracy"
-    assert ft.num_workers >= 1 and ft.precision == "auto"
+    assert (ft.batch_size, ft.warmup_steps, ft.lr) == (32, 500, 3e-4)
+    assert ft.weight_decay == (1e-4 if experiment.startswith("vitl14") else 0.1)
+    assert ft.num_workers >= 1
     if experiment.endswith("paper_adapters"):
         assert cfg.adapters.loader["_target_"] == "knots.vision.released.released_adapters"
         loader = get_object(cfg.adapters.loader["_target_"])
@@ -74,11 +72,69 @@ def test_every_vision_experiment_validates(tmp_path, experiment):
         assert not cfg.adapters.given
 
 
+@pytest.mark.parametrize("experiment", VISION_EXPERIMENTS)
+def test_every_vision_experiment_uses_the_reference_protocol(tmp_path, experiment):
+    """The paper's experiments compose and validate with every authors' choice (conf/protocol/reference.yaml)."""
+    from knots.vision.paper import REFERENCE_SPLITS, VITL14_EPOCHS
+
+    for overrides in ((), ("protocol=reference",)):
+        cfg = to_run_config(compose(tmp_path, f"experiment={experiment}", *overrides))
+        _check_common(cfg, experiment)
+        assert cfg.normalizers == "paper" and cfg.method_params["ensemble"] == {"rule": "max_logit"}
+        for name in cfg.benchmark.task_names:
+            task = cfg.benchmark.tasks[name]
+            assert task.loader["reference_split"] is True
+            assert task.split.source_splits == {"train": "train", "validation": "validation", "test": "test"}
+            if REFERENCE_SPLITS[name].mirror:  # the official validation sets come from mirrors that carry them
+                assert task.loader["hf_path"] == REFERENCE_SPLITS[name].mirror
+        ft = cfg.finetune
+        assert (ft.seed, ft.grad_clip, ft.precision, ft.train_logit_scale) == (420, 0.0, "fp32_scaled", 1e4)
+        if experiment.startswith("vitb32"):
+            assert (ft.epochs, ft.schedule_steps, ft.eval_every, ft.patience, ft.min_improvement) == (1000, 50_000, 2000, 5, 0.1)
+            assert ft.epochs_per_task == {}
+        else:
+            assert ft.epochs is None and ft.epochs_per_task == VITL14_EPOCHS
+            assert (ft.schedule_steps, ft.eval_every, ft.patience, ft.min_improvement) == (None, None, None, 0.0)
+
+
+@pytest.mark.parametrize("experiment", VISION_EXPERIMENTS)
+def test_every_vision_experiment_switches_back_to_the_default_protocol(tmp_path, experiment):
+    cfg = to_run_config(compose(tmp_path, f"experiment={experiment}", "protocol=default"))
+    _check_common(cfg, experiment)
+    assert cfg.normalizers == "measured" and "ensemble" not in cfg.method_params
+    defaults = OmegaConf.load(CONF_DIR / "task" / "hf_image.yaml")
+    for name in cfg.benchmark.task_names:
+        task = cfg.benchmark.tasks[name]
+        assert "reference_split" not in task.loader and task.loader["hf_path"].split("/")[0] in ("tanganke", "ylecun", "ufldl-stanford")
+        assert task.split.source_splits == dict(defaults.split.source_splits)
+    ft = cfg.finetune
+    assert (ft.steps, ft.seed, ft.grad_clip, ft.precision, ft.eval_every, ft.patience) == (4000, 0, 1.0, "auto", 250, 4)
+    assert (ft.epochs, ft.epochs_per_task, ft.schedule_steps, ft.min_improvement, ft.train_logit_scale) == (None, {}, None, 0.0, 100.0)
+
+
+@pytest.mark.parametrize(("experiment", "message"), [
+    ("vision_smoke", r"model.backbone.arch is None\); use normalizers=measured"),
+    ("text6_joint", r"model.backbone.arch is None\); use normalizers=measured"),
+])
+def test_the_reference_protocol_outside_the_papers_models_is_a_one_line_error(tmp_path, experiment, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        to_run_config(compose(tmp_path, f"experiment={experiment}", "protocol=reference"))
+    assert "\n" not in str(err.value)
+    cfg = to_run_config(compose(tmp_path, f"experiment={experiment}", "protocol=reference", "normalizers=measured"))
+    assert cfg.finetune.seed == 420 and cfg.method_params["ensemble"]["rule"] == "max_logit"
+
+
+def test_paper_normalizers_need_a_value_for_every_task(tmp_path):
+    with pytest.raises(ConfigError, match=r"no paper normalizer for task\(s\) digits \(ViT-B-32;") as err:
+        to_run_config(compose(tmp_path, "experiment=vitb32_per_task", "benchmark=vision_smoke", "benchmark.select=[digits,mnist]"))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(("task", "classes"), [("cars", 196), ("sun397", 397), ("dtd", 47)])
 def test_task_source_builds_from_the_datasets_label_feature(tmp_path, monkeypatch, task, classes):
     import datasets
 
-    cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task"))
+    cfg = to_run_config(compose(tmp_path, "experiment=vitb32_per_task", "protocol=default"))
     names = [f"/{chr(97 + i % 26)}/scene_{i}" if task == "sun397" else f"model {i}" for i in range(classes)]
     calls = []
 
@@ -92,6 +148,7 @@ def test_task_source_builds_from_the_datasets_label_feature(tmp_path, monkeypatc
     assert built.name == task and built.num_classes == classes
     assert built.class_names[1] == ("scene 1" if task == "sun397" else "model 1")  # from the label feature
     assert len(built.validation) == classes and len(built.test) == 4 * classes  # 20% of test carved
+    assert built.info["split"] == "dataset" and built.info["source_sizes"] == {"train": 2 * classes, "test": 5 * classes}
 
 
 def test_task_source_rejects_a_wrong_class_count(tmp_path, monkeypatch):
@@ -148,7 +205,8 @@ def test_released_adapter_experiment_merges_what_its_loader_returns(tmp_path, mo
     cfg = to_run_config(compose(
         tmp_path, f"experiment={experiment}", "model=clip_tiny", "benchmark=vision_smoke",
         "benchmark.select=[digits,mnist]", "device=cpu", "logger=none", "progress=false",
-        "methods=[ta,knots_ties]", "search.ranges.scaling=[0.5,1.0]", "search.ranges.top_k=[50]"))
+        "methods=[ta,knots_ties]", "search.ranges.scaling=[0.5,1.0]", "search.ranges.top_k=[50]",
+        "normalizers=measured"))  # the paper has no normalizers for the smoke tasks
     calls = []
 
     def fake_released(tasks, cache_dir, arch, repo_template="", revisions=None):

@@ -92,7 +92,9 @@ def test_converted_adapter_gives_the_same_features_as_on_hf_clip(tmp_path):
     assert len(oc_adapter.modules) == len(hf_adapter.modules) == 8
     for name, module in hf_adapter.modules.items():
         mapped = oc_adapter.modules[open_clip_module(name)]
-        assert mapped.scale == module.scale == 2.0
+        assert module.scale == 2.0 and mapped.scale == 1.0  # the exporter folds the scale into B
+        torch.testing.assert_close(mapped.B, module.scaled_B())
+        torch.testing.assert_close(mapped.A, module.A)
         torch.testing.assert_close(mapped.delta(), module.delta())
     assert json.loads((dst / "adapter_config.json").read_text())["r"] == 4
 
