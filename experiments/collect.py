@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from knots.pipeline.io import write_text
+from knots.atomic import write_text
 
 COLUMNS = ["avg acc", "avg norm acc", "joint hits@1", "joint hits@3", "joint hits@5"]
 

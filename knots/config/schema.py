@@ -64,6 +64,27 @@ def _check_target(node: dict[str, Any] | None, where: str) -> None:
         raise ConfigError(f"{where}: cannot import {target!r}") from None
 
 
+def check_device(device: str, available: bool = True) -> None:
+    """A device string that torch knows (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and, with ``available``,
+    that this machine has. Configs are validated without it (a GPU experiment validates anywhere);
+    a run checks it before reading any data."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a device name (e.g. cpu, cuda, cuda:0, mps)") from None
+    _check(parsed.type in ("cpu", "cuda", "mps"), f"device {device!r}: knots runs on cpu, cuda or mps")
+    if not available:
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _check(count > 0, f"device {device!r}: this machine has no CUDA device (use device=cpu)")
+        _check((parsed.index or 0) < count, f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps":
+        _check(torch.backends.mps.is_available(), f"device {device!r}: MPS is not available on this machine (use device=cpu)")
+
+
 @dataclass
 class PathsConfig:
     """Where runs write (``output_dir``) and where finetuned adapters are cached (``cache_dir``)."""
@@ -469,6 +490,7 @@ class RunConfig:
         from knots.methods.config import ensure_registered
 
         _check(self.stage in STAGES, f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        check_device(self.device, available=False)
         for m in {*self.methods, *self.method_params} - {"all"}:
             ensure_registered(m, self.config_dirs)
         for a in self.analyses:

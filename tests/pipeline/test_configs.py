@@ -103,11 +103,11 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["model=nope"], "error: unknown model 'nope'"),
-        (["methods=[ta,nope]"], "error: unknown method 'nope'"),
-        (["benchmark.select=[sms_spam,nope]"], "error: unknown task 'nope'"),
-        (["search.ranges.top_k=[10,200]"], "error: method.top_k is a percent in (0, 100], got 200"),
-        (["benchmark.tasks.trec.path=/nonexistent/trec.txt"], "error: task trec: data file not found: /nonexistent/trec.txt"),
+        (["model=nope"], "knots-run: error: unknown model 'nope'"),
+        (["methods=[ta,nope]"], "knots-run: error: unknown method 'nope'"),
+        (["benchmark.select=[sms_spam,nope]"], "knots-run: error: unknown task 'nope'"),
+        (["search.ranges.top_k=[10,200]"], "knots-run: error: method.top_k is a percent in (0, 100], got 200"),
+        (["benchmark.tasks.trec.path=/nonexistent/trec.txt"], "knots-run: error: task trec: data file not found: /nonexistent/trec.txt"),
     ],
 )
 def test_cli_bad_config_one_line_error(tmp_path, args, message):
