@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import itertools
+import logging
 import os
 import re
 import sys
@@ -136,6 +137,15 @@ class JobFailed(CompactHydraException):
     """
 
 
+def _log_to_files(message: str) -> None:
+    """Write ``message`` to the log files open in this process (a sweep job's ``<job>.log``), so that
+    the job's own log says why it failed; the console already has the line."""
+    record = logging.LogRecord("knots", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def one_line_errors(program: str, raise_in_sweep: bool = False) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Turn user errors raised by the wrapped function into one line and exit status 2.
 
@@ -158,6 +168,7 @@ def one_line_errors(program: str, raise_in_sweep: bool = False) -> Callable[[Cal
                     fail(program, message)
                 FAILED_JOBS.append(f"job {job}: {one_line(message)}")
                 print(f"{program}: error: {FAILED_JOBS[-1]}", file=sys.stderr, flush=True)
+                _log_to_files(f"{program}: error: {one_line(message)}")
                 if raise_in_sweep:
                     raise JobFailed(f"{program}: error: {one_line(message)} (job {job} of the sweep)") from None
                 return None  # type: ignore[return-value]
