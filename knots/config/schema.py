@@ -465,7 +465,9 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
-    methods: list[str] = MISSING
+    #: Method names (a list), or ``all`` / ``[all]``: every registered method that applies to the heads.
+    #: Typed ``Any`` so that ``methods=all`` (a string) works on the command line; normalized to a list.
+    methods: Any = MISSING
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     analyses: list[str] = field(default_factory=list)
     analysis_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -490,6 +492,10 @@ class RunConfig:
         from knots.methods.config import ensure_registered
 
         _check(self.stage in STAGES, f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        if isinstance(self.methods, str):
+            self.methods = [self.methods]
+        _check(isinstance(self.methods, list) and all(isinstance(m, str) for m in self.methods),
+               f"methods must be a method name, a list of names, or all; got {self.methods!r}")
         check_device(self.device, available=False)
         for m in {*self.methods, *self.method_params} - {"all"}:
             ensure_registered(m, self.config_dirs)
