@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from knots.models.apply import WeightPatch, applied
-from knots.pipeline.io import write_json, write_text
+from knots.atomic import write_json, write_text
 
 #: meta-llama/Meta-Llama-3-8B (config.json).
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from knots.pipeline.io import write_json, write_text
+from knots.atomic import write_json, write_text
 
 
 def timed_run(overrides: list[str], env: dict[str, str]) -> tuple[float, int]:

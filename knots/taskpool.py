@@ -157,11 +157,24 @@ class TaskPool:
         """Per task, how its splits were made (``TaskData.info``), with the sizes as used."""
         return {t.name: {**t.info, "sizes": {s: len(t.split(s)) for s in SPLITS}} for t in self.tasks}
 
+    def row_counts(self) -> dict[str, dict[str, Any]]:
+        """Per task: rows read, rows dropped (matching no class, repeated), examples per class (results.json)."""
+        return {t.name: t.row_counts for t in self.tasks}
+
     def describe_splits(self) -> list[str]:
-        """One line per task for the run log: the split sizes and, where known, their provenance."""
+        """One line per task for the run log: the split sizes, where known their provenance, and the rows
+        read (with those dropped for matching no class or repeating an input)."""
         lines = []
-        for name, info in self.split_info().items():
+        for task, (name, info) in zip(self.tasks, self.split_info().items()):
             sizes = ", ".join(f"{n} {s}" for s, n in info["sizes"].items())
             origin = "; ".join(f"{role}: {info[role]}" for role in ("validation", "test") if isinstance(info.get(role), str))
-            lines.append(f"task {name}: {sizes}" + (f" ({origin})" if origin else ""))
+            counts = f"; {describe_counts(task.row_counts)}" if task.row_counts else ""
+            lines.append(f"task {name}: {sizes}" + (f" ({origin})" if origin else "") + counts)
         return lines
+
+
+def describe_counts(counts: dict[str, Any]) -> str:
+    """Rows read, what was dropped, examples per class (one phrase for the log)."""
+    per_class = ", ".join(f"{name} {n}" for name, n in counts["per_class"].items())
+    return (f"{counts['rows']} rows read, {counts['unmatched']} matching no class and {counts['repeated']} repeated "
+            f"(dropped); examples per class: {per_class}")

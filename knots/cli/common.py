@@ -3,8 +3,10 @@
 Every problem with the user's input (a setting, a file, an output location) is reported as
 ``<program>: error: <one line>`` with exit status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback
 instead. Ctrl-C and SIGTERM clean up (outputs are atomic, :mod:`knots.atomic`) and end with one line
-and status 130 / 143. In a Hydra multirun a failing job is reported on one line, the sweep goes on,
-and the command ends with one more line counting the failed jobs (status 2).
+and status 130 / 143. In a Hydra multirun a failing job is reported on one line and the sweep goes on;
+the command then ends with one more line counting the failed jobs (status 2), or, for programs whose
+jobs may run in other processes (Hydra launchers such as submitit's), the failure is raised to the
+launcher so that it marks the job failed, and Hydra ends the sweep with it (status 1).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import dataclasses
 import difflib
 import functools
 import itertools
+import logging
 import os
 import re
 import sys
 import typing
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
+from hydra.errors import CompactHydraException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from knots.atomic import Interrupted, interrupts_as_exceptions
@@ -125,11 +129,29 @@ def describe_config_error(error: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------- entry points
-def one_line_errors(program: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+class JobFailed(CompactHydraException):
+    """A job of a multirun that failed on a user error (already reported on one line).
+
+    Hydra's launchers record it as the job's result and its sweeper raises it once every job of the
+    batch has run; being compact, Hydra prints its one-line message, without a traceback.
+    """
+
+
+def _log_to_files(message: str) -> None:
+    """Write ``message`` to the log files open in this process (a sweep job's ``<job>.log``), so that
+    the job's own log says why it failed; the console already has the line."""
+    record = logging.LogRecord("knots", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def one_line_errors(program: str, raise_in_sweep: bool = False) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Turn user errors raised by the wrapped function into one line and exit status 2.
 
-    In a Hydra multirun the job returns None after its line instead, so the other jobs still run;
-    :func:`run_cli` then ends with status 2 (see :data:`FAILED_JOBS`).
+    In a Hydra multirun the job prints its line and the other jobs still run: the job returns None and
+    :func:`run_cli` ends with status 2 (see :data:`FAILED_JOBS`), or, with ``raise_in_sweep``, the job
+    raises :class:`JobFailed`, which reaches launchers that run jobs in other processes.
     """
 
     def decorator(function: Callable[..., T]) -> Callable[..., T]:
@@ -146,6 +168,9 @@ def one_line_errors(program: str) -> Callable[[Callable[..., T]], Callable[..., 
                     fail(program, message)
                 FAILED_JOBS.append(f"job {job}: {one_line(message)}")
                 print(f"{program}: error: {FAILED_JOBS[-1]}", file=sys.stderr, flush=True)
+                _log_to_files(f"{program}: error: {one_line(message)}")
+                if raise_in_sweep:
+                    raise JobFailed(f"{program}: error: {one_line(message)} (job {job} of the sweep)") from None
                 return None  # type: ignore[return-value]
 
         return wrapper
@@ -182,15 +207,17 @@ def _split_flags(argv: list[str]) -> tuple[list[str], bool] | None:
     return overrides, multirun
 
 
-def check_arguments(argv: list[str]) -> str | None:
-    """The problem with an argument that is no ``key=value`` override (often an unquoted space)."""
-    for argument in argv:
+def check_arguments(argv: list[str], example: str = "'out=my dir/merged' or 'adapters=[\"my dir/a\",\"my dir/b\"]'") -> str | None:
+    """The problem with an argument that is no ``key=value`` override (often an unquoted space).
+
+    The message quotes the setting it probably belongs to (the argument before it), else ``example``.
+    """
+    for i, argument in enumerate(argv):
         if argument.startswith("~") or "=" in argument:
             continue
-        return (
-            f"argument {argument!r} is not a key=value setting; a path with spaces must be quoted, "
-            "e.g. 'out=my dir/merged' or 'adapters=[\"my dir/a\",\"my dir/b\"]'"
-        )
+        previous = argv[i - 1] if i > 0 and "=" in argv[i - 1] else None
+        quoted = f"'{previous} {argument}'" if previous else example
+        return f"argument {argument!r} is not a key=value setting; a path with spaces must be quoted, e.g. {quoted}"
     return None
 
 

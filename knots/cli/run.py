@@ -1,44 +1,38 @@
-"""``knots-run``: the Hydra app that runs one experiment (or, with ``-m``, a sweep of them)."""
+"""``knots-run``: the Hydra app that runs one experiment (or, with ``-m``, a sweep of them).
+
+Bad input is one line, ``knots-run: error: ...``, with exit status 2 and no traceback (unless
+``HYDRA_FULL_ERROR=1``), before any work: the command line is composed first (with ``-m``, every job
+of the sweep; :func:`knots.cli.common.check_composition`), then every setting is validated. In a sweep
+a job that fails on its input is reported on one line and the others run; Hydra then ends the sweep
+with the first failure (status 1). A job's return value, for sweepers, is its best average normalized
+accuracy.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from knots.cli.common import check_composition, fail, one_line_errors, run_cli
 from knots.config.resources import config_dir
 from knots.config.schema import register_configs, to_run_config
-from knots.errors import KnotsError
 
+PROGRAM = "knots-run"
 log = logging.getLogger("knots")
 
 
-class JobError(CompactHydraException):
-    """A one-line failure of one job of a sweep; Hydra reports it and the other jobs go on."""
-
-
+@one_line_errors(PROGRAM, raise_in_sweep=True)
 def _task(cfg: DictConfig) -> float | None:
     from knots.pipeline.run import run_experiment
 
-    try:
-        run_cfg = to_run_config(cfg)
-        output_dir = Path(run_cfg.paths.output_dir)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        results = run_experiment(run_cfg, output_dir, resolved)  # type: ignore[arg-type]
-    except KnotsError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise JobError(f"error: {e}") from None
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cfg = to_run_config(cfg)
+    output_dir = Path(run_cfg.paths.output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    results = run_experiment(run_cfg, output_dir, resolved)  # type: ignore[arg-type]
     log.info("results: %s", output_dir / "results.md")
     if "methods" not in results:
         return None
@@ -72,12 +66,17 @@ def check_group_choices(argv: list[str], config_dir: Path) -> str | None:
 
 def main() -> None:
     """Entry point of ``knots-run``."""
-    problem = check_group_choices(sys.argv[1:], config_dir())
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
-    register_configs()
-    hydra.main(config_path=str(config_dir()), config_name="run", version_base="1.3")(_task)()
+
+    def run() -> None:
+        argv = sys.argv[1:]
+        problem = check_group_choices(argv, config_dir())
+        if problem:
+            fail(PROGRAM, problem)
+        check_composition(PROGRAM, str(config_dir()), "run", argv, register=register_configs)
+        register_configs()
+        hydra.main(config_path=str(config_dir()), config_name="run", version_base="1.3")(_task)()
+
+    run_cli(PROGRAM, run)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,27 @@ def _check_target(node: dict[str, Any] | None, where: str) -> None:
         raise ConfigError(f"{where}: cannot import {target!r}") from None
 
 
+def check_device(device: str, available: bool = True) -> None:
+    """A device string that torch knows (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and, with ``available``,
+    that this machine has. Configs are validated without it (a GPU experiment validates anywhere);
+    a run checks it before reading any data."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a device name (e.g. cpu, cuda, cuda:0, mps)") from None
+    _check(parsed.type in ("cpu", "cuda", "mps"), f"device {device!r}: knots runs on cpu, cuda or mps")
+    if not available:
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _check(count > 0, f"device {device!r}: this machine has no CUDA device (use device=cpu)")
+        _check((parsed.index or 0) < count, f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps":
+        _check(torch.backends.mps.is_available(), f"device {device!r}: MPS is not available on this machine (use device=cpu)")
+
+
 @dataclass
 class PathsConfig:
     """Where runs write (``output_dir``) and where finetuned adapters are cached (``cache_dir``)."""
@@ -450,7 +471,9 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
-    methods: list[str] = MISSING
+    #: Method names (a list), or ``all`` / ``[all]``: every registered method that applies to the heads.
+    #: Typed ``Any`` so that ``methods=all`` (a string) works on the command line; normalized to a list.
+    methods: Any = MISSING
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     analyses: list[str] = field(default_factory=list)
     analysis_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -475,6 +498,11 @@ class RunConfig:
         from knots.methods.config import ensure_registered
 
         _check(self.stage in STAGES, f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        if isinstance(self.methods, str):
+            self.methods = [self.methods]
+        _check(isinstance(self.methods, list) and all(isinstance(m, str) for m in self.methods),
+               f"methods must be a method name, a list of names, or all; got {self.methods!r}")
+        check_device(self.device, available=False)
         _check(self.stage == "all" or not self.analyses,
                f"analyses run after the merges, which stage={self.stage} does not reach: drop analyses or use stage=all")
         _check(self.finetune.mode == "lora" or self.stage == "finetune",

@@ -6,6 +6,9 @@ A reader returns either one pool of rows or a dict of named source splits. Reade
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import re
 from collections.abc import Callable
@@ -22,6 +25,23 @@ def _require_file(path: str, task: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"task {task}: data file not found: {p}")
+    return p
+
+
+def _require_text(path: str, task: str, options: Any) -> Path:
+    """A data file that exists, is not empty and does not look binary (NUL bytes in its first 8 KiB,
+    unless ``read_options`` names an ``encoding``, such as UTF-16, that has them)."""
+    p = _require_file(path, task)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(p.suffix, open)
+    try:
+        with opener(p, "rb") as handle:
+            head = handle.read(8192)
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        raise ConfigError(f"task {task}: cannot read {p} ({error})") from None
+    if not head:
+        raise ConfigError(f"task {task}: {p} is empty")
+    if b"\x00" in head and not options.get("encoding"):
+        raise ConfigError(f"task {task}: {p} is a binary file, not text")
     return p
 
 
@@ -44,18 +64,34 @@ def _frame_rows(frame: Any, cfg: Any, task: str) -> list[Row]:
     return list(zip(_inputs([frame[c].tolist() for c in columns]), frame[cfg.label_column].tolist()))
 
 
+def _read_frame(reader: Callable[..., Any], path: Path, kind: str, task: str, **options: Any) -> Any:
+    """``reader(path, **options)``; an empty, binary or malformed file is one ``ConfigError`` line."""
+    import pandas as pd
+
+    try:
+        return reader(path, **options)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"task {task}: {path} is empty") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"task {task}: {path} is not {kind} text ({error.reason} at byte {error.start}); "
+                          "a binary file, or another encoding (read_options.encoding)") from None
+    except (pd.errors.ParserError, ValueError) as error:
+        raise ConfigError(f"task {task}: {path} is not valid {kind} ({' '.join(str(error).split())})") from None
+
+
 def read_csv(cfg: Any, task: str) -> Rows:
     import pandas as pd
 
-    return _frame_rows(pd.read_csv(_require_file(cfg.path, task), **cfg.read_options), cfg, task)
+    frame = _read_frame(pd.read_csv, _require_text(cfg.path, task, cfg.read_options), "CSV", task, **cfg.read_options)
+    return _frame_rows(frame, cfg, task)
 
 
 def read_json(cfg: Any, task: str) -> Rows:
     import pandas as pd
 
-    path = _require_file(cfg.path, task)
+    path = _require_text(cfg.path, task, cfg.read_options)
     options = {"lines": path.suffix == ".jsonl", **cfg.read_options}
-    return _frame_rows(pd.read_json(path, **options), cfg, task)
+    return _frame_rows(_read_frame(pd.read_json, path, "JSON", task, **options), cfg, task)
 
 
 def read_lines(cfg: Any, task: str) -> Rows:
@@ -64,7 +100,7 @@ def read_lines(cfg: Any, task: str) -> Rows:
         raise ConfigError(f"task {task}: pattern needs named groups 'input' and 'label'")
     encoding = cfg.read_options.get("encoding", "utf-8")
     rows = []
-    with open(_require_file(cfg.path, task), encoding=encoding, errors="replace") as f:
+    with open(_require_text(cfg.path, task, cfg.read_options), encoding=encoding, errors="replace") as f:
         for line in f:
             m = pattern.match(line.rstrip("\n"))
             if m:

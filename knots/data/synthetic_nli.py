@@ -101,11 +101,11 @@ def synthetic_nli_task(name: str, layout: str, root: str, classes: Mapping[str, 
     """Task builder: a synthetic task written once under ``root`` (one directory per size and seed), then
     read by :func:`knots.data.nli.nli_task` with the task's definition (columns, classes, mask)."""
     from knots.data.nli import nli_task
-    from knots.pipeline.io import atomic_dir
+    from knots.atomic import atomic_directory
 
     path = Path(root) / f"{name}-{layout}-{n_train}-{n_eval}-{seed}"
     if not path.exists():
-        with atomic_dir(path) as tmp:
+        with atomic_directory(path, overwrite=True, writer="knots synthetic data") as tmp:  # a concurrent writer wrote the same
             write_layout(tmp / "data", layout, n_train, n_eval, seed)
     return nli_task(name=name, dataset=f"synthetic/{layout}", premise=premise, hypothesis=hypothesis, classes=classes,
                     path=str(path / "data"), **definition)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 #: One labelled example: (input, class index within its task).
@@ -19,7 +20,12 @@ SPLITS = ("train", "validation", "test")
 
 
 class LazyInput(ABC):
-    """An input read only when a batch needs it (e.g. an image decoded from a dataset on demand)."""
+    """An input read only when a batch needs it (e.g. an image decoded from a dataset on demand).
+
+    Caches key on its ``identity()`` if it defines one (plain data naming the input, e.g. a dataset
+    fingerprint and a row index), else on its dataclass fields, else on the loaded input
+    (:mod:`knots.data.digest`).
+    """
 
     @abstractmethod
     def load(self) -> Any:
@@ -107,6 +113,9 @@ class TaskData:
         class_mask: per class, whether the task has it (None: all). A task inside a shared label
             space that lacks some classes (a two-class task in a three-way space) masks them out of
             its logits, in training and evaluation.
+        row_counts: what reading the task found (for the log and results.json): ``rows`` read,
+            rows that match no class (``unmatched``) and ``repeated`` inputs, both dropped, and the
+            examples ``per_class`` before splitting.
         info: how the splits were made (plain JSON data, e.g. a builder's ``TaskSource.info`` and the
             sizes of the source's splits before any cap); reported in the run log and results.json.
     """
@@ -119,6 +128,7 @@ class TaskData:
     test: Sequence[Example]
     label_keys: list[str] = field(default_factory=list)
     class_mask: list[bool] | None = None
+    row_counts: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -134,6 +144,14 @@ class TaskData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the resolved rows (inputs and labels of every split): what caches are keyed on
+        (see :mod:`knots.data.digest`; lazy inputs count by a stable identity, without being read)."""
+        from knots.data.digest import task_digest
+
+        return task_digest({name: self.split(name) for name in SPLITS})
 
     def split(self, name: str) -> Sequence[Example]:
         """The examples of split ``name`` (one of ``SPLITS``)."""

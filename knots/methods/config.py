@@ -136,4 +136,27 @@ def check_values(name: str, params: Mapping[str, Any]) -> None:
         method.check(dict(params))
     elif name in ENGINE:
         known = Hyperparameters.__dataclass_fields__
+        check_types(name, params, Hyperparameters)
         Hyperparameters(**{k: v for k, v in params.items() if k in known})
+
+
+def check_types(name: str, params: Mapping[str, Any], schema: type) -> None:
+    """Each value of ``params`` has the type its field in the dataclass ``schema`` declares: an integer
+    (not a bool, not 1.5), a finite number, or a string; others are left to the schema's own checks."""
+    import math
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for key, value in params.items():
+        hint = hints.get(key)
+        if hint is int:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif hint is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite number"
+        elif hint is str or typing.get_origin(hint) is typing.Literal:
+            ok, expected = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{name}.{key} must be {expected}, got {value!r}")

@@ -81,6 +81,11 @@ def input_grams(backbone: Backbone, modules: Sequence[str], inputs: Sequence, ba
 
 
 def check(params: dict[str, Any]) -> None:
+    alpha, num_examples = params.get("alpha", 0.0), params.get("num_examples", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConfigError(f"regmean.alpha must be a number, got {alpha!r}")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+        raise ConfigError(f"regmean.num_examples must be an integer, got {num_examples!r}")
     if "alpha" in params and not 0.0 <= params["alpha"] <= 1.0:
         raise ConfigError(f"regmean alpha must be in [0, 1], got {params['alpha']}")
     if "num_examples" in params and params["num_examples"] < 1:

@@ -71,12 +71,12 @@ def tiny_llama(cache_dir: str, name: str = "llama-tiny", seed: int = 0, shape: d
     """Backbone target: the tiny Llama, written once to ``<cache_dir>/tiny-llama-<hash>`` (the hash names
     its seed and shape), then loaded by ``TextBackbone(path=..., **options)``."""
     from knots.models.text import TextBackbone
-    from knots.pipeline.io import atomic_dir
+    from knots.atomic import atomic_directory
 
     shape = dict(shape or {})
     digest = hashlib.sha256(json.dumps([seed, shape, tiny_vocab()], sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"tiny-llama-{digest}"
     if not (path / "config.json").is_file():
-        with atomic_dir(path) as tmp:
+        with atomic_directory(path, overwrite=True, writer="knots tiny llama") as tmp:  # a concurrent writer wrote the same
             write_tiny_llama(tmp, seed=seed, **shape)
     return TextBackbone(path=str(path), name=name, **options)

@@ -1,14 +1,13 @@
 """Evaluating candidates: the finetuned models, merged models and the ensemble, on one split at a time.
 
-The finetuned models' features are computed once per split (and cached with their adapters): they give
-the normalizers (each task's own finetuned accuracy) and feed the ensemble. A merged model's features
+The finetuned models' features are computed once per split (and cached, keyed on the adapter's
+checksum, so that they always describe the adapter being merged): they give the normalizers (each
+task's own finetuned accuracy) and feed the ensemble. A merged model's features
 are computed with its update applied in place to the backbone (:mod:`knots.models.apply`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from knots.methods.base import Candidate, FinetunedEnsemble, MergedModel, TaskAd
 from knots.metrics import accuracy, summarize
 from knots.models.apply import Update, applied, lora_updates
 from knots.models.base import Backbone
-from knots.pipeline.io import torch_save
+from knots.pipeline.cache import entry_lock, short_hash, verified_entry, write_entry
 from knots.taskpool import EvalSet, ensemble_scores, score_features
 
 
@@ -52,6 +51,9 @@ class FinetunedOutputs:
                 for split, key in (("validation", "val"), ("test", "test"))}
 
 
+FEATURES_NAME = "features.safetensors"
+
+
 def fixed_normalizers(cfg: Any) -> dict[str, float] | None:
     """The run's fixed normalizers per task: the paper's (``normalizers: paper``, by the backbone's
     ``arch``, from :mod:`knots.vision.paper`), or None to use the measured accuracies."""
@@ -63,19 +65,32 @@ def fixed_normalizers(cfg: Any) -> dict[str, float] | None:
 
 
 def feature_cache_path(cache_dir: str | Path, adapter: TaskAdapter, task_definitions: Mapping[str, Any],
-                       batch_size: int, head_kind: str) -> Path | None:
+                       data_digests: Sequence[str], batch_size: int, head_kind: str) -> Path | None:
     """Where an adapter's features of this task set's validation and test inputs are kept.
 
-    Keyed by the adapter's cache key, every task's definition (which fix the inputs and their order),
-    the batch size and the head kind (zero-shot heads read normalized features); given adapters, which
-    have no cache key, are not cached.
+    Keyed by the adapter's checksum (its verified content, not only its cache key), every task's
+    definition and rows (``data_digests``: :attr:`TaskData.digest`, which fix the inputs and their
+    order), the batch size and the head kind (zero-shot heads read normalized features); given
+    adapters, which have no checksum, are not cached.
     """
-    key = adapter.info.get("cache_key")
-    if key is None:
+    checksum = adapter.info.get("checksum")
+    if checksum is None:
         return None
-    payload = json.dumps([key, dict(task_definitions), batch_size, head_kind], sort_keys=True, default=str)
-    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
-    return Path(cache_dir) / "features" / f"{adapter.task}-{key}-{digest}.pt"
+    digest = short_hash([checksum, dict(task_definitions), list(data_digests), batch_size, head_kind])
+    return Path(cache_dir) / "features" / f"{adapter.task}-{digest}"
+
+
+def _cached_features(cache: Path, compute: Any) -> dict[str, torch.Tensor]:
+    """The features kept at ``cache`` if they match their manifest, else ``compute()`` (then kept)."""
+    from safetensors.torch import load_file, save_file
+
+    with entry_lock(cache, what="the features"):
+        if verified_entry(cache, what="cached features"):
+            return load_file(str(cache / FEATURES_NAME))
+        computed = compute()
+        write_entry(cache, lambda staging: save_file({split: t.contiguous() for split, t in computed.items()},
+                                                     str(staging / FEATURES_NAME)), "knots features")
+        return computed
 
 
 def evaluate_finetuned(backbone: Backbone, heads: HeadSet, data: Mapping[str, EvalSet], adapters: Sequence[TaskAdapter],
@@ -85,18 +100,14 @@ def evaluate_finetuned(backbone: Backbone, heads: HeadSet, data: Mapping[str, Ev
     ``fixed_normalizers`` (per task) replace the measured accuracies as normalizers."""
     feats: dict[str, list[torch.Tensor]] = {s: [] for s in data}
     for adapter, cache in zip(adapters, cache_paths):
-        if cache is not None and cache.is_file():
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
-            for split in data:
-                feats[split].append(saved[split])
-            continue
-        delta = lora_updates(adapter.adapter)
-        computed = {split: features(backbone, d, heads, delta, f"finetuned {adapter.task} {split}" if progress else None)
+        def compute(adapter: TaskAdapter = adapter) -> dict[str, torch.Tensor]:
+            delta = lora_updates(adapter.adapter)
+            return {split: features(backbone, d, heads, delta, f"finetuned {adapter.task} {split}" if progress else None)
                     for split, d in data.items()}
+
+        computed = compute() if cache is None else _cached_features(cache, compute)
         for split in data:
             feats[split].append(computed[split])
-        if cache is not None:
-            torch_save(computed, cache)
     accuracies = {}
     for i, adapter in enumerate(adapters):
         accs = {}

@@ -4,10 +4,13 @@ The encoder is trained with cross-entropy on its task's head: a frozen zero-shot
 ``100 * cos``), or a trained head that is learned together with the LoRA and saved with it as a PEFT
 ``modules_to_save`` module (every task starts from the same seeded head). A finished adapter is a PEFT
 directory under
-``<cache_dir>/adapters/<task>-<key>``, where ``key`` hashes everything that changes the result
-(model, task definition, training settings); it is reused, never retrained. During training a
-checkpoint (LoRA weights, optimizer, schedule, RNG, early-stopping state) is written atomically
-every ``checkpoint_every`` steps to ``<...>.partial``, and a new run resumes from it.
+``<cache_dir>/adapters/<task>-<key>`` (:mod:`knots.pipeline.cache`: the key covers the model, the
+task's definition and rows, the training settings); it is reused after checking it against its
+manifest, never retrained. One process at a time works on an entry (a lock file). During training
+a checkpoint (LoRA and head weights, optimizer, schedule, RNG, early-stopping state; safetensors and
+JSON, :mod:`knots.pipeline.checkpoint`) is written atomically every ``checkpoint_every`` steps to
+``<...>.partial``, and a new run resumes from it ("resumed from step N"); a damaged one is moved
+aside and training starts from scratch.
 
 With ``eval_every`` the validation accuracy is measured during training and the best LoRA state (not
 the last) becomes the adapter; ``patience`` stops training after that many evaluations without
@@ -27,7 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,13 +45,16 @@ from tqdm.auto import tqdm
 from knots.data.tasks import TaskData
 from knots.heads import Head, head_logits, init_head_module
 from knots.models.base import Backbone, to_device
-from knots.pipeline.cache import META_NAME, is_complete
-from knots.pipeline.io import atomic_dir, torch_save, write_json
+from knots.atomic import remove_owned, write_json
+from knots.errors import OutputError
+from knots.pipeline.cache import (META_NAME, entry_checksum, entry_lock, move_aside, partial_dir, verified_entry,
+                                  write_entry)
+from knots.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from knots.pipeline.logger import NullLogger
 from knots.pipeline.training import (SCALED_PRECISIONS, BestState, Logits, StepBatches, accuracy, autocast,
                                      collated_batches, lr_lambda, resolve_precision, warmup_length)
 
-CHECKPOINT_NAME = "checkpoint.pt"
+log = logging.getLogger("knots.pipeline")
 
 
 @dataclass(frozen=True)
@@ -174,58 +180,95 @@ def finetune(
 ) -> dict[str, Any]:
     """Train (or resume, or reuse) the adapter of ``task`` in ``out_dir``; return its metadata.
 
+    The entry is locked for the whole call: a second process finetuning the same entry waits, then
+    reuses the adapter. A cached adapter is checked against its manifest first; a damaged one is moved
+    aside and trained again. The returned metadata adds ``reused``, ``status`` (``reused``,
+    ``trained`` or ``resumed from step N``) and ``checksum`` (:func:`entry_checksum`).
     ``on_step(step)`` is called after every optimizer step (and checkpoint); raising from it
     interrupts training like a crash would.
     """
-    if is_complete(out_dir):
-        info = json.loads((out_dir / META_NAME).read_text())
-        return {**info, "reused": True}
-    spec = head if isinstance(head, TrainedHeadSpec) else None
-    if getattr(cfg, "mode", "lora") == "full":  # dense target weights (knots.pipeline.full), same recipe
-        from knots.pipeline.full import full_training_model
+    with entry_lock(out_dir, what="the adapter"):
+        if verified_entry(out_dir, what="cached adapter"):
+            info = json.loads((out_dir / META_NAME).read_text())
+            return {**info, "reused": True, "status": "reused", "checksum": entry_checksum(out_dir)}
+        spec = head if isinstance(head, TrainedHeadSpec) else None
+        if getattr(cfg, "mode", "lora") == "full":  # dense target weights (knots.pipeline.full), same recipe
+            from knots.pipeline.full import full_training_model
 
-        context = full_training_model(backbone, lora, spec)
-    else:
-        context = training_model(backbone, lora, cfg.seed, spec, getattr(cfg, "init_adapter", None))
-    with context as model:
-        return _train(model, backbone, task, head, cfg, out_dir, logger, progress, on_step, meta)
+            context = full_training_model(backbone, lora, spec)
+        else:
+            context = training_model(backbone, lora, cfg.seed, spec, getattr(cfg, "init_adapter", None))
+        with context as model:
+            return _train(model, backbone, task, head, cfg, out_dir, logger or NullLogger(), progress, on_step, meta)
+
+
+def _resume_state(partial: Path, task: str) -> dict[str, Any] | None:
+    """The checkpoint at ``partial``, or None (none, or a damaged one, which is moved aside)."""
+    if not partial.exists():
+        return None
+    try:
+        return load_checkpoint(partial)
+    except CheckpointError as error:
+        move_aside(partial, str(error), what=f"the resume checkpoint of {task}", then="finetuning from scratch")
+        return None
+
+
+def _restore(state: dict[str, Any], params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+             sched: Any, scaler: torch.amp.GradScaler) -> None:
+    """Put a checkpoint's state back into fresh training objects (raises ValueError if it does not fit)."""
+    lora = state["lora"]
+    if set(lora) != set(params) or any(lora[n].shape != p.shape for n, p in params.items()):
+        raise ValueError("its weights do not match the model being trained")
+    with torch.no_grad():
+        for name, value in lora.items():
+            params[name].copy_(value)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
 
 
 def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingHead, cfg: Any, out_dir: Path,
-           logger: NullLogger | None, progress: bool, on_step: Callable[[int], None] | None,
+           logger: NullLogger, progress: bool, on_step: Callable[[int], None] | None,
            meta: dict[str, Any] | None) -> dict[str, Any]:
-    """The training loop of :func:`finetune` on ``model`` (the PEFT-wrapped encoder)."""
-    logger = logger or NullLogger()
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    ckpt_path = partial / CHECKPOINT_NAME
+    """The training loop of :func:`finetune` on ``model`` (the PEFT-wrapped encoder; the caller holds the
+    lock of ``out_dir``), resuming from the checkpoint next to it if there is a usable one."""
+    partial = partial_dir(out_dir)
     device = backbone.device
     precision = resolve_precision(cfg.precision, device)
     evaluating = bool(cfg.eval_every)
+    state = _resume_state(partial, task.name)
 
     logits_of = head_of(model, head, cfg.train_logit_scale)
     eval_logits_of = head_of(model, head)
     params = _trainable(model)
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_length(cfg), cfg.schedule_steps or cfg.steps,
-                                                             getattr(cfg, "schedule", "cosine")))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision in SCALED_PRECISIONS)
+    initial = {n: p.detach().clone() for n, p in params.items()}
+
+    def optimizers() -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+        opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_length(cfg), cfg.schedule_steps or cfg.steps,
+                                                                 getattr(cfg, "schedule", "cosine")))
+        return opt, sched, torch.amp.GradScaler(device.type, enabled=precision in SCALED_PRECISIONS)
+
+    opt, sched, scaler = optimizers()
     step, resumed_from, losses, best = 0, 0, [], BestState()
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for name, value in state["lora"].items():
-                params[name].copy_(value)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        if "best" in state:
+    if state is not None:
+        try:
+            _restore(state, params, opt, sched, scaler)
             best = BestState(**state["best"])
-        torch.set_rng_state(state["rng"])
-        step = resumed_from = state["step"]
-        losses = state["losses"]
-    else:
+            step = resumed_from = int(state["step"])
+            losses = list(state["losses"])
+            log.info("finetune %s: resumed from step %d of %d (%s)", task.name, step, cfg.steps, partial)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            move_aside(partial, f"it does not fit: {str(error).splitlines()[0]}", what=f"the resume checkpoint of {task.name}",
+                       then="finetuning from scratch")
+            with torch.no_grad():  # back to the fresh start: the initial weights and new optimizer state
+                for name, value in initial.items():
+                    params[name].copy_(value)
+            opt, sched, scaler = optimizers()
+            state = None
+    if state is None:
         torch.manual_seed(cfg.seed)
 
     inputs = [x for x, _ in task.train]
@@ -264,10 +307,9 @@ def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingH
             logger.log({f"{prefix}step": step, f"{prefix}val_acc": val, f"{prefix}best_val_acc": best.accuracy})
             stop = bool(cfg.patience) and best.bad_evals >= cfg.patience
         if step % cfg.checkpoint_every == 0 and step < cfg.steps and not stop:
-            state = {"lora": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                     "step": step, "losses": losses, "best": dataclasses.asdict(best)}
-            torch_save(state, ckpt_path)
+            save_checkpoint(partial, {"lora": dict(params), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                      "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                                      "losses": losses, "best": dataclasses.asdict(best)})
         if on_step is not None:
             on_step(step)
         if stop:
@@ -291,8 +333,15 @@ def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingH
         **({"best_step": best.step, "best_val_accuracy": best.accuracy, "val_history": best.history} if evaluating else {}),
         **(meta or {}),
     }
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
-        write_json(tmp / META_NAME, info)
-    shutil.rmtree(partial, ignore_errors=True)
-    return {**info, "reused": False}
+    def write(staging: Path) -> None:
+        model.save_pretrained(str(staging))
+        write_json(staging / META_NAME, info, durable=False)
+
+    write_entry(out_dir, write, "knots finetune")
+    if partial.exists():
+        try:
+            remove_owned(partial)
+        except OutputError as error:
+            log.warning("finetune %s: left %s in place (%s)", task.name, partial, error)
+    status = f"resumed from step {resumed_from}" if resumed_from else "trained"
+    return {**info, "reused": False, "status": status, "checksum": entry_checksum(out_dir)}

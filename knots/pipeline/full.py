@@ -144,17 +144,18 @@ def full_finetune_stage(models: Any, tasks: Any, zero_shot: Any, cfg: Any, finet
     (``mode: full``) into the adapter cache, or reused from it."""
     from knots.pipeline.cache import adapter_dir, cache_key
     from knots.pipeline.finetune import finetune
-    from knots.pipeline.training import resolve_precision
+    from knots.pipeline.training import resolve_precision, task_recipe
 
     assert finetune_cfg.mode == "full"
     precision = resolve_precision(finetune_cfg.precision, models.backbone.device)
     chosen = [t for t in tasks.tasks if names is None or t.name in names]
     out = []
     for task in tqdm(chosen, desc="full finetune", disable=not cfg.progress):
-        key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], finetune_cfg, task, precision)
+        recipe = task_recipe(finetune_cfg, task.name, len(task.train))  # the task's steps, as for its LoRA
+        key = cache_key(cfg.model, cfg.benchmark.tasks[task.name], recipe, task, precision)
         path = adapter_dir(cfg.paths.cache_dir, task.name, key)
-        head = models.training_head(task, zero_shot, finetune_cfg.seed)
-        info = finetune(models.backbone, task, head, cfg.model.lora, finetune_cfg, path, logger=logger,
+        head = models.training_head(task, zero_shot, recipe.seed)
+        info = finetune(models.backbone, task, head, cfg.model.lora, recipe, path, logger=logger,
                         progress=cfg.progress, meta={"cache_key": key, "mode": "full"})
         load_full_update(path, tensors=False)  # checks the directory is a finished full update
         out.append(FullUpdate(task.name, str(path), {**info, "path": str(path), "cache_key": key}))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from knots.pipeline.io import write_json, write_text
+from knots.atomic import write_json, write_text
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
@@ -78,9 +78,9 @@ def to_markdown(results: dict[str, Any]) -> str:
 def adapters_markdown(results: dict[str, Any]) -> str:
     """results.md of a run that stopped after finetuning: the adapters it trained or reused."""
     meta = results["meta"]
-    rows = [[a["task"], a["path"], "reused" if a["reused"] else "trained", a["resumed_from"]] for a in meta["adapters"]]
+    rows = [[a["task"], a["path"], a["status"]] for a in meta["adapters"]]
     return (f"# Finetuning: {meta['benchmark']} / {meta['model']}\n\n"
-            + md_table(["task", "adapter", "status", "resumed from step"], rows) + "\n")
+            + md_table(["task", "adapter", "status"], rows) + "\n")
 
 
 def write_results(output_dir: Path, results: dict[str, Any]) -> None:

@@ -16,11 +16,11 @@ import torch
 
 from knots.analyses import AnalysisContext
 from knots.analyses.figures import results_figures, write_figures
-from knots.config.schema import RunConfig
+from knots.config.schema import RunConfig, check_device
 from knots.methods import MergeInputs
 from knots.modelpool import ModelPool
 from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path, fixed_normalizers
-from knots.pipeline.cache import plain_for_key
+from knots.pipeline.cache import check_cache_dir, plain_for_key
 from knots.pipeline.logger import make_logger
 from knots.pipeline.report import results_table, write_results
 from knots.pipeline.stages import analyses_stage, finetune_stage, merge_and_test
@@ -31,6 +31,8 @@ log = logging.getLogger("knots.pipeline")
 
 def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the configured stages and write results.json / results.md to ``output_dir``; return the results."""
+    check_device(cfg.device)
+    check_cache_dir(cfg.paths.cache_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -64,8 +66,9 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
             "selection_metric": cfg.search.metric,
             "search": cfg.search.strategy,
             "examples": tasks.sizes(),
+            "rows": tasks.row_counts(),
             "splits": tasks.split_info(),
-            "adapters": [{k: a.info.get(k) for k in ("task", "path", "reused", "resumed_from")} for a in adapters],
+            "adapters": [{k: a.info.get(k) for k in ("task", "path", "status", "reused", "resumed_from")} for a in adapters],
             "seconds": seconds,
         }
         if cfg.stage == "finetune":
@@ -80,7 +83,9 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
         t = time.perf_counter()
         data = tasks.eval_sets(models.backbone, cfg.finetune.eval_batch_size)
         definitions = {n: plain_for_key(cfg.benchmark.tasks[n]) for n in cfg.benchmark.task_names}
-        caches = [feature_cache_path(cfg.paths.cache_dir, a, definitions, cfg.finetune.eval_batch_size, heads.kind) for a in adapters]
+        digests = [task.digest for task in tasks.tasks]
+        caches = [feature_cache_path(cfg.paths.cache_dir, a, definitions, digests, cfg.finetune.eval_batch_size, heads.kind)
+                  for a in adapters]
         finetuned = evaluate_finetuned(models.backbone, heads, data, adapters, caches, cfg.progress, fixed_normalizers(cfg))
         seconds["evaluate_finetuned"] = time.perf_counter() - t
         meta["normalizers"] = {"source": cfg.normalizers, **finetuned.normalizers}

@@ -41,7 +41,8 @@ def finetune_stage(models: ModelPool, tasks: TaskPool, zero_shot: HeadSet | None
     models.check_tasks(tasks.tasks)
     if cfg.adapters.given:
         paths = given_adapters(cfg.adapters, tasks.names, cfg.paths.cache_dir)
-        return [models.load(task, paths[task.name], {"task": task.name, "path": str(paths[task.name]), "reused": True, "resumed_from": 0})
+        return [models.load(task, paths[task.name], {"task": task.name, "path": str(paths[task.name]), "status": "given",
+                                                     "reused": True, "resumed_from": 0})
                 for task in tasks.tasks]
     precision = resolve_precision(cfg.finetune.precision, models.backbone.device)
     out = []
@@ -52,7 +53,7 @@ def finetune_stage(models: ModelPool, tasks: TaskPool, zero_shot: HeadSet | None
         head = models.training_head(task, zero_shot, recipe.seed)
         info = finetune(models.backbone, task, head, cfg.model.lora, recipe, path,
                         logger=logger, progress=cfg.progress, meta={"cache_key": key})
-        log.info("adapter %s: %s (%s)", task.name, path, "reused" if info["reused"] else "trained")
+        log.info("adapter %s: %s (%s)", task.name, path, info["status"])
         out.append(models.load(task, path, {**info, "path": str(path), "cache_key": key}))
     return out
 

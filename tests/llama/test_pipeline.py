@@ -263,7 +263,7 @@ def test_released_adapters_load_from_the_cache_and_merge_instead_of_finetuning(s
     cfg, results, _ = smoke
     cache = tmp_path / "cache"
     for task in ("entail3", "pairs3", "binary2"):
-        (path,) = Path(cfg.paths.cache_dir, "adapters").glob(f"{task}-*")
+        (path,) = (p.parent for p in Path(cfg.paths.cache_dir, "adapters").glob(f"{task}-*/adapter_config.json"))
         fake_hub_repo(cache / "hub", f"local/KnOTS-tiny_lora_R16_{task}", released_like(path))
     shutil.copytree(Path(cfg.paths.cache_dir, "datasets"), cache / "datasets")
     shutil.copytree(Path(cfg.paths.cache_dir, "models"), cache / "models")
@@ -283,7 +283,7 @@ def test_released_adapter_checks_keys_and_head_shapes(smoke, tmp_path):
     from knots.models.released_llama import released_llama_adapters
 
     cfg, _, _ = smoke
-    (path,) = Path(cfg.paths.cache_dir, "adapters").glob("binary2-*")
+    (path,) = (p.parent for p in Path(cfg.paths.cache_dir, "adapters").glob("binary2-*/adapter_config.json"))
     weights = load_file(str(path / "adapter_model.safetensors"))
     config = (path / "adapter_config.json").read_bytes()
     cases = {
@@ -484,7 +484,7 @@ def test_bad_pair_task_configs_fail_validation_on_one_line(pair_conf, override, 
 
 @pytest.mark.parametrize("override,message", [
     (two_classes(E, C), "task two has 2 classes, but model.head.num_labels is 3"),
-    (two_classes(E, "{name: neutral, key: nli/neutral, values: [7]}", C), "task two: no training example has class 'neutral'"),
+    (two_classes(E, "{name: neutral, key: nli/neutral, values: [7]}", C), "task two: no row has class 'neutral' (values [7])"),
     (two_classes(E, "{name: neutral, key: other/neutral, masked: true}", C), "task two: label keys"),
 ])
 def test_tasks_that_do_not_fit_the_shared_label_space_fail_before_training(pair_conf, override, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -25,8 +26,15 @@ FAULTS = Path(__file__).with_name("faults.py")
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """``knots-merge`` in this process (its ``main``, exit status and output): fast, and patchable."""
+    """``knots-merge`` in this process (its ``main``, exit status and output): fast, and patchable.
+
+    Hydra configures logging for the run (knots-merge's config disables every existing logger); the
+    loggers' state is put back afterwards so that later tests still see their records.
+    """
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    state = [(logger, logger.disabled, logger.level) for logger in loggers] + [(logging.root, False, logging.root.level)]
+    handlers = list(logging.root.handlers)
 
     def run(*arguments: str) -> subprocess.CompletedProcess:
         monkeypatch.setattr(sys, "argv", ["knots-merge", *arguments, "progress=false"])
@@ -39,7 +47,14 @@ def cli(monkeypatch, capsys):
         captured = capsys.readouterr()
         return subprocess.CompletedProcess(arguments, status, captured.out, captured.err)
 
-    return run
+    yield run
+    for logger, disabled, level in state:
+        logger.disabled = disabled
+        logger.setLevel(level)
+    for logger in (logging.getLogger(name) for name in list(logging.root.manager.loggerDict)):
+        if logger not in loggers:
+            logger.disabled = False
+    logging.root.handlers[:] = handlers
 
 
 @pytest.fixture

@@ -72,6 +72,8 @@ def test_every_default_task_loads_with_splits(compose_run):
         ("+benchmark.split.max_tarin=3", "unknown split setting 'max_tarin'"),
         ("finetune.steps=0", "finetune.steps must be >= 1"),
         ("stage=merge", "unknown stage 'merge'"),
+        ("methods=3", "methods must be a method name, a list of names, or all; got 3"),
+        ("methods=[ta,3]", "methods must be a method name, a list of names, or all"),
         ("model.head.kind=trained search.metric=joint_hits@3", "needs zero-shot heads"),
     ],
 )
@@ -79,6 +81,14 @@ def test_bad_values_fail_validation(compose_run, override, message):
     with pytest.raises(ConfigError, match=None) as err:
         to_run_config(compose_run(*override.split()))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("selection", ["methods=all", "methods=[all]"])
+def test_methods_all_selects_every_registered_method(compose_run, selection):
+    from knots.methods import method_names
+
+    assert to_run_config(compose_run(selection)).methods == method_names()
+    assert to_run_config(compose_run("methods=ta")).methods == ["ta"]
 
 
 def test_missing_data_file_fails_before_reading(compose_run, tmp_path):
@@ -103,11 +113,11 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["model=nope"], "error: unknown model 'nope'"),
-        (["methods=[ta,nope]"], "error: unknown method 'nope'"),
-        (["benchmark.select=[sms_spam,nope]"], "error: unknown task 'nope'"),
-        (["search.ranges.top_k=[10,200]"], "error: method.top_k is a percent in (0, 100], got 200"),
-        (["benchmark.tasks.trec.path=/nonexistent/trec.txt"], "error: task trec: data file not found: /nonexistent/trec.txt"),
+        (["model=nope"], "knots-run: error: unknown model 'nope'"),
+        (["methods=[ta,nope]"], "knots-run: error: unknown method 'nope'"),
+        (["benchmark.select=[sms_spam,nope]"], "knots-run: error: unknown task 'nope'"),
+        (["search.ranges.top_k=[10,200]"], "knots-run: error: method.top_k is a percent in (0, 100], got 200"),
+        (["benchmark.tasks.trec.path=/nonexistent/trec.txt"], "knots-run: error: task trec: data file not found: /nonexistent/trec.txt"),
     ],
 )
 def test_cli_bad_config_one_line_error(tmp_path, args, message):

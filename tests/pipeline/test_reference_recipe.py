@@ -17,7 +17,9 @@ from knots.data.tasks import TaskData
 from knots.errors import ConfigError
 from knots.heads import ZERO_SHOT_SCALE, Head
 from knots.pipeline.cache import cache_key, plain_for_key
-from knots.pipeline.finetune import CHECKPOINT_NAME, finetune, head_of, peft_encoder
+from knots.pipeline.cache import partial_dir
+from knots.pipeline.checkpoint import load_checkpoint
+from knots.pipeline.finetune import finetune, head_of, peft_encoder
 from knots.pipeline.training import BestState, lr_lambda, resolve_precision, task_recipe
 from tests.pipeline.test_finetune_recipe import CLASSES, LORA, assert_same_adapter, config, factors, setup  # noqa: F401
 
@@ -94,7 +96,7 @@ def test_fp32_scaled_runs_on_any_device_and_scales_the_loss(setup, tmp_path):  #
     for precision in ("fp32", "fp32_scaled"):
         def stop(step: int) -> None:
             if step == 4:
-                scalers[precision] = torch.load(tmp_path / f"{precision}.partial" / CHECKPOINT_NAME, weights_only=False)["scaler"]
+                scalers[precision] = load_checkpoint(partial_dir(tmp_path / precision))["scaler"]
                 raise Stop
 
         with pytest.raises(Stop):

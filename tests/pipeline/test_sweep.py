@@ -21,6 +21,8 @@ def test_sweep_with_a_failing_job_finishes_the_others(tiny_env, tmp_path, capsys
     assert "unknown method 'nope'" in proc.stderr and "Traceback" not in proc.stderr
     sweep = tmp_path / "sweep"
     assert not (sweep / "0" / "results.json").exists()
+    (job_log,) = (sweep / "0").glob("*.log")  # the failed job's own log says why
+    assert "error: unknown method 'nope'" in job_log.read_text()
     results = json.loads((sweep / "1" / "results.json").read_text())
     assert list(results["methods"]) == ["ta", "ensemble"]
 

@@ -26,14 +26,16 @@ def start_sweep(tiny_env: Path, tmp_path: Path, sweep: Path) -> subprocess.Popen
 
 def checkpoints(tmp_path: Path) -> list[Path]:
     """The finetuning checkpoints of adapters in training (``<cache>/adapters/<task>-<key>.partial``)."""
-    return sorted((tmp_path / "logs" / "cache" / "adapters").glob("*.partial/checkpoint.pt"))
+    from knots.pipeline.cache import is_complete
+
+    return sorted(p for p in (tmp_path / "logs" / "cache" / "adapters").glob("*.partial") if is_complete(p))
 
 
 def interrupted_task(tmp_path: Path) -> str:
     """The task whose training was stopped (the job must not be running)."""
     partial = checkpoints(tmp_path)
     assert len(partial) == 1, f"expected one adapter stopped in training, found {partial}: raise STEPS"
-    return partial[0].parent.name.split("-")[0]
+    return partial[0].name.split("-")[0]
 
 
 def resumed(results_path: Path, task: str) -> int:
