@@ -55,6 +55,36 @@ class EvalSet:
             out[chunk] = heads.prepare(backbone.encoder(to_device(batch, backbone.device))).float().cpu()
         return out
 
+    def subset(self, names: Sequence[str]) -> EvalSet:
+        """The examples of tasks ``names`` only (kept in this set's task order), from the batches
+        already collated: each batch keeps its rows of those tasks (tensors and lists indexed along
+        their first dimension), so nothing is decoded or tokenized again."""
+        unknown = [n for n in names if n not in self.slices]
+        if unknown:
+            raise KeyError(f"no task {unknown[0]!r} in this evaluation set")
+        kept = [n for n in self.task_names if n in names]
+        position: dict[int, int] = {}
+        slices = {}
+        for name in kept:
+            sl = self.slices[name]
+            start = len(position)
+            position.update((i, start + k) for k, i in enumerate(range(sl.start, sl.stop)))
+            slices[name] = slice(start, len(position))
+        out = object.__new__(EvalSet)
+        out.split, out.task_names, out.slices = self.split, kept, slices
+        out.labels = torch.cat([self.labels[self.slices[n]] for n in kept]) if kept else self.labels[:0]
+        out.chunks, out.batches = [], []
+        for chunk, batch in zip(self.chunks, self.batches):
+            rows = [r for r, i in enumerate(chunk) if i in position]
+            if not rows:
+                continue
+            index = torch.tensor(rows)
+            out.chunks.append([position[chunk[r]] for r in rows])
+            out.batches.append({k: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == len(chunk)
+                                else [v[r] for r in rows] if isinstance(v, list) and len(v) == len(chunk) else v
+                                for k, v in batch.items()})
+        return out
+
     def joint_labels(self, heads: HeadSet) -> torch.Tensor:
         """The joint-space label of every example."""
         assert heads.space is not None

@@ -46,6 +46,21 @@ class Analysis:
     name: str
     run: AnalysisFunction
     reference: str
+    check: Callable[[dict[str, Any], Any], None] | None = None
+
+    def check_options(self, options: dict[str, Any], cfg: Any = None) -> None:
+        """Fail before any work on an option the analysis does not take, on an invalid value, or where the
+        analysis does not apply to the run ``cfg`` (when given)."""
+        import inspect
+
+        parameters = list(inspect.signature(self.run).parameters.values())[1:]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            known = [p.name for p in parameters]
+            for key in options:
+                if key not in known:
+                    raise ConfigError(f"analysis {self.name} has no option {key!r} (its options: {', '.join(known) or 'none'})")
+        if self.check is not None:
+            self.check(options, cfg)
 
     @property
     def summary(self) -> str:
@@ -55,13 +70,16 @@ class Analysis:
 _REGISTERED: dict[str, Analysis] = {}
 
 
-def register_analysis(name: str, reference: str = "") -> Callable[[AnalysisFunction], AnalysisFunction]:
-    """Register ``function(context, **options) -> dict`` as analysis ``name``."""
+def register_analysis(name: str, reference: str = "", check: Callable[[dict[str, Any], Any], None] | None = None
+                      ) -> Callable[[AnalysisFunction], AnalysisFunction]:
+    """Register ``function(context, **options) -> dict`` as analysis ``name``; ``check(options, cfg)``
+    validates option values before any work, and refuses a run (``cfg``, the run config, or None when
+    only the options are checked) the analysis does not apply to, raising ``ConfigError``."""
 
     def decorator(function: AnalysisFunction) -> AnalysisFunction:
         if name in _REGISTERED:
             raise ValueError(f"analysis {name!r} is registered twice")
-        _REGISTERED[name] = Analysis(name=name, run=function, reference=reference)
+        _REGISTERED[name] = Analysis(name=name, run=function, reference=reference, check=check)
         return function
 
     return decorator

@@ -40,6 +40,7 @@ SCHEDULES = ("cosine", "linear")
 #: How a missing split role is carved out of another (see ``knots.data.splits.carved_parts``).
 CARVE_METHODS = ("stratified", "random", "tail")
 STAGES = ("all", "finetune")
+FINETUNE_MODES = ("lora", "full")
 #: Methods that need zero-shot heads: the ensemble scores every finetuned model with each task's head,
 #: which a trained head (fitted to its own model's features) does not allow.
 ZERO_SHOT_ONLY_METHODS = ("ensemble",)
@@ -324,7 +325,8 @@ class FinetuneConfig:
     improvement (null/0: train all ``steps``). ``precision``: ``fp32``, or mixed precision on CUDA
     (``bf16``; ``fp16`` with loss scaling); ``auto`` picks bf16 where supported, else fp16, and fp32
     off CUDA. ``num_workers``: DataLoader processes that decode and preprocess training batches
-    (0: in the training process); the batches are the same either way.
+    (0: in the training process); the batches are the same either way. ``mode``: ``lora``, or ``full``
+    (the dense weights of the same target modules, for the CKA analysis's full-finetuning view).
 
     The authors' recipe (``protocol=reference``) needs five more settings, all off by default:
     ``epochs`` (every task) or ``epochs_per_task`` (task -> epochs, over ``epochs``) replace ``steps``
@@ -359,6 +361,7 @@ class FinetuneConfig:
     patience: int | None = field(default=None, metadata={"cache_key": "non_default"})
     precision: str = field(default="auto", metadata={"cache_key": False})  # the resolved one is keyed
     num_workers: int = field(default=0, metadata={"cache_key": False})
+    mode: str = field(default="lora", metadata={"cache_key": "non_default"})
     # per task, these become ``steps`` and ``schedule_steps`` before the cache key is made (training.task_recipe)
     epochs: int | None = field(default=None, metadata={"cache_key": "non_default"})
     epochs_per_task: dict[str, int] = field(default_factory=dict, metadata={"cache_key": "non_default"})
@@ -372,6 +375,9 @@ class FinetuneConfig:
     init_adapter: str | None = field(default=None, metadata={"cache_key": "non_default"})
 
     def validate(self) -> None:
+        _check(self.mode in FINETUNE_MODES, f"unknown finetune.mode {self.mode!r}; expected one of {FINETUNE_MODES}")
+        _check(self.mode == "lora" or self.init_adapter is None,
+               "finetune.init_adapter starts a LoRA from a saved adapter; finetune.mode=full trains dense weights: drop one")
         _check(self.steps >= 1, f"finetune.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
@@ -487,7 +493,7 @@ class RunConfig:
     normalizers: str = MISSING
 
     def validate(self) -> None:
-        from knots.analyses import analysis_names, analysis_options
+        from knots.analyses import analysis_names, analysis_options, get_analysis
         from knots.methods import check_method_params, method_names
         from knots.methods.config import ensure_registered
 
@@ -497,6 +503,11 @@ class RunConfig:
         _check(isinstance(self.methods, list) and all(isinstance(m, str) for m in self.methods),
                f"methods must be a method name, a list of names, or all; got {self.methods!r}")
         check_device(self.device, available=False)
+        _check(self.stage == "all" or not self.analyses,
+               f"analyses run after the merges, which stage={self.stage} does not reach: drop analyses or use stage=all")
+        _check(self.finetune.mode == "lora" or self.stage == "finetune",
+               "finetune.mode=full trains full-finetuning updates, which only the cka analysis reads (merging needs "
+               "LoRA adapters): use it with stage=finetune to fill the cache")
         for m in {*self.methods, *self.method_params} - {"all"}:
             ensure_registered(m, self.config_dirs)
         for a in self.analyses:
@@ -522,6 +533,7 @@ class RunConfig:
         known_analyses = analysis_names()
         for a in self.analyses:
             _check(a in known_analyses, f"unknown analysis {a!r}; known: {', '.join(known_analyses) or 'none'}")
+            get_analysis(a).check_options(analysis_options(a, self.analysis_params.get(a), self.config_dirs), self)
         if self.finetune.precision in ("bf16", "fp16"):
             _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:

@@ -55,7 +55,9 @@ class MergeInputs:
     computed once, on first use); the backbone and tasks serve data-dependent methods.
 
     ``cached(key, compute)`` keeps statistics that several search points share (e.g. RegMean's Gram
-    matrices); values depend only on the key, never on which point asked first.
+    matrices); values depend only on the key, never on which point asked first. ``heads``: the
+    :class:`~knots.heads.HeadSet` merged models are evaluated with, for methods that need the
+    finetuned models' logits (Fisher).
     """
 
     adapters: list[TaskAdapter]
@@ -64,6 +66,7 @@ class MergeInputs:
     batch_size: int
     progress: bool = False
     session: Any = None
+    heads: Any = None
     _cache: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

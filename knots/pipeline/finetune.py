@@ -20,6 +20,9 @@ The authors' recipe adds a cosine horizon apart from the training length (``sche
 minimum improvement for early stopping, fp32 with a gradient scaler and a training logit scale apart
 from the evaluation one (``knots.config.schema.FinetuneConfig``); ``cfg`` is one task's settings, with
 its steps resolved (``knots.pipeline.training.task_recipe``).
+
+``finetune.mode=full`` trains the dense weights of the same target modules instead of a LoRA
+(:mod:`knots.pipeline.full`), with the same recipe and cache.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def head_of(model: nn.Module, head: TrainingHead, scale: float | None = None) ->
         if scale is not None:
             frozen = dataclasses.replace(frozen, scale=scale)
         return lambda features: frozen.logits(nn.functional.normalize(features, dim=-1))
-    wrapper = model.get_submodule(f"base_model.model.{head.module}")
+    wrapper = model.get_submodule(f"base_model.model.{head.module}" if hasattr(model, "peft_config") else head.module)
     linear = wrapper.modules_to_save[wrapper.active_adapters[0]] if hasattr(wrapper, "modules_to_save") else wrapper
     return lambda features: head_logits(features, linear.weight, linear.bias, 1.0, head.mask)
 
@@ -188,8 +191,14 @@ def finetune(
         if verified_entry(out_dir, what="cached adapter"):
             info = json.loads((out_dir / META_NAME).read_text())
             return {**info, "reused": True, "status": "reused", "checksum": entry_checksum(out_dir)}
-        with training_model(backbone, lora, cfg.seed, head if isinstance(head, TrainedHeadSpec) else None,
-                            getattr(cfg, "init_adapter", None)) as model:
+        spec = head if isinstance(head, TrainedHeadSpec) else None
+        if getattr(cfg, "mode", "lora") == "full":  # dense target weights (knots.pipeline.full), same recipe
+            from knots.pipeline.full import full_training_model
+
+            context = full_training_model(backbone, lora, spec)
+        else:
+            context = training_model(backbone, lora, cfg.seed, spec, getattr(cfg, "init_adapter", None))
+        with context as model:
             return _train(model, backbone, task, head, cfg, out_dir, logger or NullLogger(), progress, on_step, meta)
 
 

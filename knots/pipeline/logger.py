@@ -29,6 +29,9 @@ class NullLogger:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
+    def image(self, name: str, path: str | Path) -> None:
+        """An image file (a figure's PNG)."""
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -69,6 +72,9 @@ class WandbLogger(NullLogger):
     def summary(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
             self.run.summary[k] = v
+
+    def image(self, name: str, path: str | Path) -> None:
+        self.run.log({name: self._wandb.Image(str(path))})
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from knots.analyses import AnalysisContext
+from knots.analyses.figures import results_figures, write_figures
 from knots.config.schema import RunConfig, check_device
 from knots.methods import MergeInputs
 from knots.modelpool import ModelPool
@@ -50,7 +51,12 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
     exit_code = 1
     try:
         t = time.perf_counter()
-        adapters = finetune_stage(models, tasks, zero_shot, cfg, logger)
+        if cfg.finetune.mode == "full":  # full-finetuning updates for the cka analysis (stage=finetune only)
+            from knots.pipeline.full import full_finetune_stage
+
+            adapters = full_finetune_stage(models, tasks, zero_shot, cfg, cfg.finetune, logger)  # type: ignore[assignment]
+        else:
+            adapters = finetune_stage(models, tasks, zero_shot, cfg, logger)
         seconds["finetune"] = time.perf_counter() - t
         meta = {
             "benchmark": cfg.benchmark.name,
@@ -85,7 +91,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
         meta["normalizers"] = {"source": cfg.normalizers, **finetuned.normalizers}
 
         evaluator = Evaluator(models.backbone, heads, data, finetuned, cfg.progress)
-        inputs = MergeInputs(adapters, models.backbone, tasks.tasks, cfg.finetune.eval_batch_size, cfg.progress)
+        inputs = MergeInputs(adapters, models.backbone, tasks.tasks, cfg.finetune.eval_batch_size, cfg.progress, heads=heads)
         methods, method_seconds = merge_and_test(cfg.methods, inputs, evaluator, cfg, logger, cfg.config_dirs)
         seconds.update(method_seconds)
 
@@ -99,6 +105,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
             results["analyses"] = analyses
         write_results(output_dir, results)
         logger.table("results", *results_table(results))
+        write_figures(results_figures(results, analyses=False), output_dir / "figures", logger)
         exit_code = 0
         return results
     finally:

@@ -105,7 +105,8 @@ def test_method(selection: Selection, inputs: MergeInputs, evaluator: Evaluator)
     """The selected model of a method on test data: the ``methods.<name>`` block of results.json."""
     candidate = get_method(selection.method).build(inputs, **selection.params)
     test = evaluator.summary("test", candidate, f"{selection.method} test")
-    return {"hyperparameters": selection.params, **test, "val_score": selection.score}
+    search = [{"params": params, "val_score": score} for params, score in selection.history]
+    return {"hyperparameters": selection.params, **test, "val_score": selection.score, "search": search}
 
 
 def merge_and_test(methods: Sequence[str], inputs: MergeInputs, evaluator: Evaluator, cfg: Any, logger: NullLogger,
@@ -113,10 +114,11 @@ def merge_and_test(methods: Sequence[str], inputs: MergeInputs, evaluator: Evalu
     """Search and test every method in turn; returns the results per method and the seconds each took."""
     results, seconds = {}, {}
     for name in methods:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         selection = search_method(name, inputs, evaluator, cfg.search, cfg.method_params.get(name, {}), logger, cfg.progress, extra_dirs)
         results[name] = test_method(selection, inputs, evaluator)
         seconds[f"method/{name}"] = time.perf_counter() - start
+        seconds[f"method/{name}/cpu"] = time.process_time() - cpu  # CPU time of the process (all its threads)
         log_test(name, results[name], logger)
     return results, seconds
 
@@ -138,9 +140,10 @@ def analyses_stage(names: Sequence[str], context: AnalysisContext, params: Mappi
     """Run each selected analysis; returns their results and the seconds each took."""
     results, seconds = {}, {}
     for name in names:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         analysis = get_analysis(name)
         results[name] = analysis.run(context, **analysis_options(name, dict(params.get(name, {})), extra_dirs))
         seconds[f"analysis/{name}"] = time.perf_counter() - start
+        seconds[f"analysis/{name}/cpu"] = time.process_time() - cpu
         log.info("analysis %s done in %.1f s", name, seconds[f"analysis/{name}"])
     return results, seconds

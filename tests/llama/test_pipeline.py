@@ -165,7 +165,8 @@ def test_a_merged_model_is_scored_with_each_tasks_own_head(smoke):
 
 
 # -- finetuning in place ----------------------------------------------------------------------------
-def test_finetuning_wraps_the_encoder_in_place_and_leaves_it_as_it_was(smoke, tmp_path):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_finetuning_wraps_the_encoder_in_place_and_leaves_it_as_it_was(smoke, tmp_path, mode):
     from types import SimpleNamespace
 
     from knots.pipeline.finetune import finetune
@@ -175,10 +176,13 @@ def test_finetuning_wraps_the_encoder_in_place_and_leaves_it_as_it_was(smoke, tm
     encoder = models.backbone.encoder
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     types = [type(m) for m in encoder.modules()]
-    settings = SimpleNamespace(**{**vars(cfg.finetune), "steps": 2, "eval_every": 1, "checkpoint_every": 1})
+    grads = [p.requires_grad for p in encoder.parameters()]
+    settings = SimpleNamespace(**{**vars(cfg.finetune), "steps": 2, "eval_every": 1, "checkpoint_every": 1, "mode": mode})
     info = finetune(models.backbone, tasks.tasks[2], models.training_head(tasks.tasks[2], None, 0), cfg.model.lora,
                     settings, tmp_path / "adapter", progress=False)
-    assert info["steps_run"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    saved = "adapter_model.safetensors" if mode == "lora" else "full_update.safetensors"
+    assert info["steps_run"] == 2 and (tmp_path / "adapter" / saved).is_file()
+    assert [p.requires_grad for p in encoder.parameters()] == grads
     after = encoder.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert [type(m) for m in encoder.modules()] == types and not hasattr(encoder, "score")

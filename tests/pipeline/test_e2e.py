@@ -58,6 +58,12 @@ def test_tiny_run_end_to_end(compose_run, tmp_path):
     for key in ("train/mood/loss", "train/topic/acc", "search/ties/val_score", "test/ta/avg_accuracy"):
         assert key.encode() in history, key
     assert list(runs[0].glob("files/media/table/results_*.table.json"))
+    # the run's figures, PNG and PDF, also logged as W&B images; every method's search history
+    for name in ("search", "per_task"):
+        assert (out / "figures" / f"{name}.png").is_file() and (out / "figures" / f"{name}.pdf").is_file()
+        assert list(runs[0].glob(f"files/media/images/figures/{name}_*.png")), name
+    for m in results["methods"].values():
+        assert {"params": m["hyperparameters"], "val_score": m["val_score"]} in m["search"]
 
 
 def test_cached_rerun_reuses_adapters(compose_run, tmp_path):

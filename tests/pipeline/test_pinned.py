@@ -20,9 +20,17 @@ PINNED = Path(__file__).parent / "data" / "tiny_results.json"
 
 
 def run_pinned(compose_run, out: Path) -> dict[str, Any]:
-    """The tiny run with every default method, one thread, no tracker; ``meta`` (paths, times) dropped."""
+    """The tiny run with every default method, one thread, no tracker; ``meta`` (paths, times) dropped.
+
+    Each method's ``search`` history (every evaluated point) is checked against the pinned selection and
+    then dropped: the pin holds the selected point and its scores, which the history must contain.
+    """
     results = run_experiment(to_run_config(compose_run("logger=none", "threads=1")), out)
     results.pop("meta")
+    for name, method in results["methods"].items():
+        points = method.pop("search")
+        assert points, name
+        assert {"params": method["hyperparameters"], "val_score": method["val_score"]} in points, name
     return json.loads(json.dumps(results))
 
 
