@@ -56,7 +56,10 @@ def status(run_dir: Path) -> str:
 
 
 def entries(cache: Path) -> list[Path]:
-    return [p for p in (cache / "adapters").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    """Cache entries: visible directories other than resume checkpoints (a writer's hidden staging
+    directory, left behind when the process is killed outright, is never read as an entry)."""
+    return [p for p in (cache / "adapters").iterdir()
+            if p.is_dir() and not p.name.endswith(".partial") and not p.name.startswith(".")]
 
 
 def test_two_jobs_finetuning_the_same_task_share_one_adapter(tiny_env, tmp_path):
@@ -82,7 +85,7 @@ def test_a_killed_job_leaves_nothing_that_looks_complete_and_the_next_one_resume
     wait_for(lambda: checkpointed(cache), "a checkpoint", job)
     job.kill()
     job.communicate()
-    assert entries(cache) == []  # only the checkpoint (.partial) and the lock file
+    assert entries(cache) == []  # only the checkpoint (.partial), the lock file and perhaps a staging directory
     again, again_dir = start(tiny_env, tmp_path, cache, "again")
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-2000:]
