@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from knots.data.tasks import TaskData
 from knots.heads import Head, head_logits, init_head_module
 from knots.models.base import Backbone, to_device
-from knots.atomic import remove_owned, write_json
+from knots.atomic import clean_leftovers, remove_owned, write_json
 from knots.errors import OutputError
 from knots.pipeline.cache import (META_NAME, entry_checksum, entry_lock, move_aside, partial_dir, verified_entry,
                                   write_entry)
@@ -343,5 +343,7 @@ def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingH
             remove_owned(partial)
         except OutputError as error:
             log.warning("finetune %s: left %s in place (%s)", task.name, partial, error)
+    for notice in clean_leftovers(partial):  # staging directories of checkpoint writers killed outright
+        log.info("finetune %s: %s", task.name, notice)
     status = f"resumed from step {resumed_from}" if resumed_from else "trained"
     return {**info, "reused": False, "status": status, "checksum": entry_checksum(out_dir)}

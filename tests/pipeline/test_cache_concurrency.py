@@ -92,3 +92,4 @@ def test_a_killed_job_leaves_nothing_that_looks_complete_and_the_next_one_resume
     assert status(again_dir).startswith("resumed from step ") and "resumed from step" in log_text(again_dir)
     [entry] = entries(cache)
     assert verify_directory(entry) == [] and not list((cache / "adapters").glob("*.partial"))
+    assert not [p.name for p in (cache / "adapters").iterdir() if p.is_dir() and p.name.startswith(".")]  # no leftovers

@@ -175,3 +175,24 @@ def test_a_resume_is_logged_and_reported(compose_run, tmp_path, caplog, monkeypa
     assert not any("(trained)" in m for m in messages)
     assert "resumed from step 4" in (tmp_path / "resumed" / "results.md").read_text()
     assert is_complete(Path(adapter["path"])) and not partial_dir(Path(adapter["path"])).exists()
+
+
+def test_staging_left_by_a_checkpoint_writer_killed_outright_is_removed_when_the_adapter_is_done(setup, tmp_path, caplog):
+    import socket
+
+    backbone, task, head = setup
+    out = tmp_path / "adapters" / "mood-key"
+    with pytest.raises(Interrupt):
+        finetune(backbone, task, head, LORA, CFG, out, progress=False, on_step=crash_at(5))
+    # What a SIGKILL while a checkpoint was being written leaves: the writer's hidden staging directory.
+    dead = max(int(p) for p in os.listdir("/proc") if p.isdigit()) + 100_000
+    staging = out.parent / f".{partial_dir(out).name}.partial-{dead}-0123abcd"
+    staging.mkdir()
+    marker = {"writer": "knots", "complete": False, "kind": "partial", "target": partial_dir(out).name, "pid": dead,
+              "host": socket.gethostname()}
+    (staging / MANIFEST_NAME).write_text(json.dumps(marker))
+    with caplog.at_level(logging.INFO, logger="knots"):
+        info = finetune(backbone, task, head, LORA, CFG, out, progress=False)
+    assert info["status"].startswith("resumed from step")
+    assert not staging.exists() and sorted(p.name for p in out.parent.iterdir() if p.is_dir()) == ["mood-key"]
+    assert any(f"removed {staging.name}" in r.getMessage() for r in caplog.records)
