@@ -65,12 +65,26 @@ def _check_target(node: dict[str, Any] | None, where: str) -> None:
         raise ConfigError(f"{where}: cannot import {target!r}") from None
 
 
-def check_device(device: str, available: bool = True) -> None:
-    """A device string that torch knows (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and, with ``available``,
-    that this machine has. Configs are validated without it (a GPU experiment validates anywhere);
-    a run checks it before reading any data."""
+def resolve_device(device: str) -> str:
+    """``auto``: the first CUDA device where there is one, else MPS, else the CPU (resolved in the job, so
+    one config serves a laptop and a GPU node); any other name is returned as given."""
+    if device != "auto":
+        return device
     import torch
 
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def check_device(device: str, available: bool = True) -> None:
+    """A device string that torch knows (``cpu``, ``cuda``, ``cuda:N``, ``mps``) or ``auto``
+    (:func:`resolve_device`) and, with ``available``, that this machine has. Configs are validated
+    without it (a GPU experiment validates anywhere); a run checks it before reading any data."""
+    import torch
+
+    if device == "auto":
+        return
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
@@ -535,7 +549,7 @@ class RunConfig:
             _check(a in known_analyses, f"unknown analysis {a!r}; known: {', '.join(known_analyses) or 'none'}")
             get_analysis(a).check_options(analysis_options(a, self.analysis_params.get(a), self.config_dirs), self)
         if self.finetune.precision in ("bf16", "fp16"):
-            _check(self.device.startswith("cuda"), f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
+            _check(self.device.startswith("cuda") or self.device == "auto", f"finetune.precision {self.finetune.precision} needs a CUDA device (device is {self.device})")
         for task in self.adapters.paths:
             _check(task in self.benchmark.tasks, f"adapters.paths: unknown task {task!r}")
         _check(self.normalizers in NORMALIZERS, f"unknown normalizers {self.normalizers!r}; expected one of {NORMALIZERS}")

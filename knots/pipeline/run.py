@@ -16,7 +16,7 @@ import torch
 
 from knots.analyses import AnalysisContext
 from knots.analyses.figures import results_figures, write_figures
-from knots.config.schema import RunConfig, check_device
+from knots.config.schema import RunConfig, check_device, resolve_device
 from knots.methods import MergeInputs
 from knots.modelpool import ModelPool
 from knots.pipeline.evaluate import Evaluator, evaluate_finetuned, feature_cache_path, fixed_normalizers
@@ -31,7 +31,8 @@ log = logging.getLogger("knots.pipeline")
 
 def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the configured stages and write results.json / results.md to ``output_dir``; return the results."""
-    check_device(cfg.device)
+    device = resolve_device(cfg.device)
+    check_device(device)
     check_cache_dir(cfg.paths.cache_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
     config = resolved_config if resolved_config is not None else dataclasses.asdict(cfg)
     # data and model first: bad input fails before logging starts
     tasks = TaskPool.load(cfg.benchmark)
-    models = ModelPool.build(cfg.model, cfg.device)
+    models = ModelPool.build(cfg.model, device)
     zero_shot = None if models.trains_heads else tasks.zero_shot_heads(models.backbone)
     for line in tasks.describe_splits():
         log.info(line)
@@ -64,6 +65,7 @@ def run_experiment(cfg: RunConfig, output_dir: str | Path, resolved_config: dict
             "tasks": tasks.names,
             "heads": cfg.model.head.kind,
             "selection_metric": cfg.search.metric,
+            "device": device,
             "search": cfg.search.strategy,
             "examples": tasks.sizes(),
             "rows": tasks.row_counts(),

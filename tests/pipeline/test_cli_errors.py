@@ -69,6 +69,25 @@ def test_devices_are_checked_before_any_work():
             check_device("cuda:7")
 
 
+def test_device_auto_takes_the_accelerator_there_is_and_is_recorded(compose_run, tmp_path, monkeypatch):
+    from knots.config.schema import resolve_device
+    from knots.pipeline.run import run_experiment
+
+    check_device("auto")
+    assert resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    # bf16 validates with auto (a GPU node); on a machine without CUDA the run refuses it on one line
+    cfg = to_run_config(compose_run("logger=none", "stage=finetune", "device=auto"))
+    assert run_experiment(cfg, tmp_path / "run")["meta"]["device"] == "cpu"
+    to_run_config(compose_run("device=auto", "finetune.precision=bf16"))
+    with pytest.raises(ConfigError, match="finetune.precision bf16 needs a CUDA device"):
+        to_run_config(compose_run("device=cpu", "finetune.precision=bf16"))
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "is empty"),
     (bytes(range(256)) * 8, "is a binary file, not text"),
