@@ -56,3 +56,17 @@ def write_peft_adapter(directory, seed: int, r: int = 4, alpha: int = 8, use_rsl
         if "lora_" in name:
             parameter.data = torch.randn_like(parameter) * 0.3
     model.save_pretrained(str(directory), **save_kwargs)
+
+
+def assert_peft_forward_matches_delta(adapter_dir, delta: dict[str, torch.Tensor]) -> None:
+    """PEFT loads the adapter at ``adapter_dir`` on ``TinyModel``; its forward equals the base model plus ``delta``."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = TinyModel()
+    reference = TinyModel()
+    reference.load_state_dict({k: v + delta.get(k, 0) for k, v in base.state_dict().items()})
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(x), reference(x), atol=1e-5)

@@ -13,17 +13,7 @@ from knots.merging import MergeSession
 from knots.atomic import atomic_directory
 from knots.merging.export import write_merge_outputs
 
-from .helpers import TinyModel, write_peft_adapter
-
-
-@pytest.fixture(scope="module")
-def peft_adapters(tmp_path_factory):
-    """Three PEFT adapters: alpha != r, rsLoRA, and mixed ranks through rank/alpha patterns."""
-    root = tmp_path_factory.mktemp("adapters")
-    write_peft_adapter(root / "a", seed=1, r=4, alpha=8)
-    write_peft_adapter(root / "b", seed=2, r=2, alpha=4, use_rslora=True)
-    write_peft_adapter(root / "c", seed=3, r=8, alpha=8, rank_pattern={"layers.1.q_proj": 3}, alpha_pattern={"v_proj": 2})
-    return [root / name for name in "abc"]
+from .helpers import TinyModel, assert_peft_forward_matches_delta
 
 
 def peft_delta(directory, module):
@@ -101,8 +91,6 @@ def test_shape_mismatch_names_module_and_shapes(peft_adapters, tmp_path):
 @pytest.mark.parametrize("method", ["knots_ties", "knots_dare_ties", "ta", "knots_row_ties"])
 def test_exported_adapter_reproduces_the_merge_in_peft(peft_adapters, tmp_path, method):
     """PEFT loads the written adapter; its forward equals the base model plus the merged dW."""
-    from peft import PeftModel
-
     adapters = [load_adapter(path) for path in peft_adapters]
     result = MergeSession(adapters).merge(method, scaling=0.6, top_k=40, p=0.2)
     with atomic_directory(tmp_path / "out") as staging:
@@ -110,14 +98,7 @@ def test_exported_adapter_reproduces_the_merge_in_peft(peft_adapters, tmp_path, 
     delta = load_file(str(tmp_path / "out" / "delta_weights.safetensors"))
     assert set(delta) == {f"{m}.weight" for m in result.modules}
 
-    torch.manual_seed(0)
-    base = TinyModel()
-    reference = TinyModel()
-    reference.load_state_dict({k: v + delta.get(k, 0) for k, v in base.state_dict().items()})
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter")).eval()
-    x = torch.randn(5, 16)
-    with torch.no_grad():
-        assert torch.allclose(peft_model(x), reference(x), atol=1e-5)
+    assert_peft_forward_matches_delta(tmp_path / "out" / "adapter", delta)
 
 
 def test_truncated_export_reports_error_and_loads(peft_adapters, tmp_path):
