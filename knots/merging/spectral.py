@@ -97,6 +97,12 @@ def common_space_split(d: int, n_tasks: int, fraction: float) -> tuple[int, int]
     return common, int((d - common) / n_tasks)
 
 
+def concat_triplets(triplets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVDs side by side: the left vectors as columns, the singular values, the right vectors as rows."""
+    lefts, values, rights = zip(*triplets)
+    return torch.cat(lefts, dim=1), torch.cat(values), torch.cat(rights, dim=0)
+
+
 def iso_cts(stack: torch.Tensor, d: int, fraction: float, tolerance: float, factors: Factors | None = None) -> torch.Tensor:
     """Iso-CTS: the sum's top directions plus each task's own, orthogonalized, with an isotropic spectrum.
 
@@ -108,23 +114,17 @@ def iso_cts(stack: torch.Tensor, d: int, fraction: float, tolerance: float, fact
     """
     common, per_task = common_space_split(d, stack.shape[0], fraction)
     u_common, s_common, vt_common = nonzero_svd(stack.sum(dim=0), tolerance, common)
-    lefts, values, rights = [], [], []
+    triplets = []
     for index, task in enumerate(stack):
         if factors is None:
-            u, s, vt = nonzero_svd(task - u_common @ (u_common.T @ task), tolerance, per_task)
+            triplets.append(nonzero_svd(task - u_common @ (u_common.T @ task), tolerance, per_task))
         else:
             left, right = factors[index]
-            u, s, vt = nonzero_svd(task, tolerance, per_task, (left - u_common @ (u_common.T @ left), right))
-        lefts.append(u)
-        values.append(s)
-        rights.append(vt)
-    lefts.append(u_common)
-    values.append(s_common)
-    rights.append(vt_common)
-    singular = torch.cat(values)
+            triplets.append(nonzero_svd(task, tolerance, per_task, (left - u_common @ (u_common.T @ left), right)))
+    lefts, singular, rights = concat_triplets([*triplets, (u_common, s_common, vt_common)])
     if singular.numel() == 0:
         return torch.zeros(stack.shape[1:], dtype=stack.dtype)
-    return singular.mean() * (polar(torch.cat(lefts, dim=1)) @ polar(torch.cat(rights, dim=0)))
+    return singular.mean() * (polar(lefts) @ polar(rights))
 
 
 def tsv_per_task(d: int, n_tasks: int) -> int:
@@ -139,13 +139,8 @@ def tsv(stack: torch.Tensor, per_task: int, tolerance: float, factors: Factors |
     task, concatenated (``U_cat``, ``S_cat``, ``V_cat``); the result is
     ``polar(U_cat) diag(S_cat) polar(V_cat^T)^T``.
     """
-    lefts, values, rights = [], [], []
-    for index, task in enumerate(stack):
-        u, s, vt = nonzero_svd(task, tolerance, per_task, None if factors is None else factors[index])
-        lefts.append(u)
-        values.append(s)
-        rights.append(vt)
-    singular = torch.cat(values)
+    lefts, singular, rights = concat_triplets([nonzero_svd(task, tolerance, per_task, None if factors is None else factors[index])
+                                               for index, task in enumerate(stack)])
     if singular.numel() == 0:
         return torch.zeros(stack.shape[1:], dtype=stack.dtype)
-    return (polar(torch.cat(lefts, dim=1)) * singular) @ polar(torch.cat(rights, dim=0))
+    return (polar(lefts) * singular) @ polar(rights)
