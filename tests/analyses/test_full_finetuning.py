@@ -11,7 +11,7 @@ import torch
 from knots.pipeline.cache import is_complete
 from knots.pipeline.finetune import finetune
 from knots.pipeline.full import load_full_update
-from tests.pipeline.test_finetune import CFG, LORA, Interrupt, setup  # noqa: F401
+from tests.pipeline.test_finetune import CFG, LORA, Interrupt, crash_at, setup  # noqa: F401
 
 FULL = SimpleNamespace(**{**vars(CFG), "mode": "full", "lr": 1e-3})
 
@@ -28,13 +28,9 @@ def test_interrupted_full_finetuning_resumes_and_leaves_the_encoder_as_it_was(se
     finetune(backbone, task, head, LORA, FULL, tmp_path / "uninterrupted", progress=False)
     assert unchanged()
 
-    def crash_at_5(step):
-        if step == 5:
-            raise Interrupt
-
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupt):
-        finetune(backbone, task, head, LORA, FULL, out, progress=False, on_step=crash_at_5)
+        finetune(backbone, task, head, LORA, FULL, out, progress=False, on_step=crash_at(5))
     assert unchanged() and [p.requires_grad for p in backbone.encoder.parameters()] == grads
     assert not is_complete(out)
 

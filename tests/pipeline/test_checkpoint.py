@@ -24,17 +24,9 @@ from knots.pipeline.cache import DAMAGED_DIR, is_complete, partial_dir
 from knots.pipeline.checkpoint import STATE_NAME, TENSORS_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from knots.pipeline.finetune import finetune
 from knots.pipeline.run import run_experiment
-from tests.pipeline.test_finetune import CFG, LORA, Interrupt, setup  # noqa: F401  (the shared fixture)
+from tests.pipeline.test_finetune import CFG, LORA, Interrupt, crash_at, setup  # noqa: F401  (the shared fixture)
 
 PACKAGE = Path(__file__).resolve().parents[2] / "knots"
-
-
-def crash_at(step: int):
-    def hook(current: int) -> None:
-        if current == step:
-            raise Interrupt
-
-    return hook
 
 
 def factors(path: Path) -> dict:

@@ -28,6 +28,16 @@ class Interrupt(Exception):
     pass
 
 
+def crash_at(step: int):
+    """An ``on_step`` hook that interrupts training after ``step``, as a crash would."""
+
+    def hook(current: int) -> None:
+        if current == step:
+            raise Interrupt
+
+    return hook
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_env):
     backbone = TextBackbone(str(tiny_env.parent / "bert"), "tiny", max_length=12)
@@ -67,13 +77,9 @@ def test_interrupted_training_resumes_from_its_checkpoint(setup, tmp_path):
     reference = tmp_path / "uninterrupted"
     finetune(backbone, task, heads, LORA, CFG, reference, progress=False)
 
-    def crash_at_5(step):
-        if step == 5:
-            raise Interrupt
-
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupt):
-        finetune(backbone, task, heads, LORA, CFG, out, progress=False, on_step=crash_at_5)
+        finetune(backbone, task, heads, LORA, CFG, out, progress=False, on_step=crash_at(5))
     assert not is_complete(out) and is_complete(tmp_path / "interrupted.partial")
 
     steps = []

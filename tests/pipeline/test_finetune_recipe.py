@@ -20,6 +20,7 @@ from knots.models.base import Backbone
 from knots.pipeline.cache import cache_key, plain_for_key
 from knots.pipeline.finetune import finetune, head_of
 from knots.pipeline.training import StepBatches, accuracy, batch_indices, collated_batches, resolve_precision
+from tests.pipeline.test_finetune import Interrupt, crash_at
 
 DIM, CLASSES = 8, 4
 LORA = LoraSettings(r=4, alpha=4, dropout=0.0, target_modules=["proj"])
@@ -116,24 +117,15 @@ def test_patience_stops_training_after_evaluations_without_improvement(setup, tm
     assert saved_accuracy(backbone, task, tmp_path / "a") == pytest.approx(info["best_val_accuracy"])
 
 
-class Interrupt(Exception):
-    pass
-
-
-@pytest.mark.parametrize("crash_at", [6, 11])
-def test_resuming_keeps_the_early_stopping_state(setup, tmp_path, crash_at):
+@pytest.mark.parametrize("crash_step", [6, 11])
+def test_resuming_keeps_the_early_stopping_state(setup, tmp_path, crash_step):
     backbone, task, heads = setup
     cfg = config(eval_every=2, patience=5)
     reference = finetune(backbone, task, heads, LORA, cfg, tmp_path / "ref", progress=False)
-
-    def crash(step: int) -> None:
-        if step == crash_at:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        finetune(backbone, task, heads, LORA, cfg, tmp_path / "out", progress=False, on_step=crash)
+        finetune(backbone, task, heads, LORA, cfg, tmp_path / "out", progress=False, on_step=crash_at(crash_step))
     info = finetune(backbone, task, heads, LORA, cfg, tmp_path / "out", progress=False)
-    assert info["resumed_from"] == crash_at // 4 * 4
+    assert info["resumed_from"] == crash_step // 4 * 4
     for key in ("best_step", "best_val_accuracy", "steps_run", "val_history"):
         assert info[key] == reference[key], key
     assert_same_adapter(tmp_path / "out", tmp_path / "ref")
