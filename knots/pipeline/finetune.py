@@ -215,18 +215,23 @@ def _resume_state(partial: Path, task: str) -> dict[str, Any] | None:
 
 def _restore(state: dict[str, Any], params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
              sched: Any, scaler: torch.amp.GradScaler) -> None:
-    """Put a checkpoint's state back into fresh training objects (raises ValueError if it does not fit)."""
+    """Put a checkpoint's state back into fresh training objects (raises if it does not fit).
+
+    The trained weights are written last, once everything else has loaded, and only after every one of
+    them is checked: a checkpoint that does not fit leaves them as they were (the fresh start), so no copy
+    of them is needed to fall back (for full finetuning that would be a copy of every target weight)."""
     lora = state["lora"]
-    if set(lora) != set(params) or any(lora[n].shape != p.shape for n, p in params.items()):
+    if set(lora) != set(params) or any(not isinstance(lora[n], torch.Tensor) or lora[n].shape != p.shape
+                                       for n, p in params.items()):
         raise ValueError("its weights do not match the model being trained")
-    with torch.no_grad():
-        for name, value in lora.items():
-            params[name].copy_(value)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
+    with torch.no_grad():
+        for name, value in lora.items():
+            params[name].copy_(value)
 
 
 def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingHead, cfg: Any, out_dir: Path,
@@ -243,7 +248,6 @@ def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingH
     logits_of = head_of(model, head, cfg.train_logit_scale)
     eval_logits_of = head_of(model, head)
     params = _trainable(model)
-    initial = {n: p.detach().clone() for n, p in params.items()}
 
     def optimizers() -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
         opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -255,18 +259,16 @@ def _train(model: nn.Module, backbone: Backbone, task: TaskData, head: TrainingH
     step, resumed_from, losses, best = 0, 0, [], BestState()
     if state is not None:
         try:
-            _restore(state, params, opt, sched, scaler)
             best = BestState(**state["best"])
             step = resumed_from = int(state["step"])
             losses = list(state["losses"])
+            _restore(state, params, opt, sched, scaler)
             log.info("finetune %s: resumed from step %d of %d (%s)", task.name, step, cfg.steps, partial)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             move_aside(partial, f"it does not fit: {str(error).splitlines()[0]}", what=f"the resume checkpoint of {task.name}",
                        then="finetuning from scratch")
-            with torch.no_grad():  # back to the fresh start: the initial weights and new optimizer state
-                for name, value in initial.items():
-                    params[name].copy_(value)
-            opt, sched, scaler = optimizers()
+            opt, sched, scaler = optimizers()  # the weights are untouched (see _restore): a fresh start
+            step, resumed_from, losses, best = 0, 0, [], BestState()
             state = None
     if state is None:
         torch.manual_seed(cfg.seed)

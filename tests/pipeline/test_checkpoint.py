@@ -188,3 +188,27 @@ def test_staging_left_by_a_checkpoint_writer_killed_outright_is_removed_when_the
     assert info["status"].startswith("resumed from step")
     assert not staging.exists() and sorted(p.name for p in out.parent.iterdir() if p.is_dir()) == ["mood-key"]
     assert any(f"removed {staging.name}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("misfit", ["weights", "optimizer", "step"])
+def test_a_checkpoint_that_does_not_fit_restarts_from_the_initial_weights(setup, tmp_path, caplog, misfit):
+    backbone, task, head = setup
+    reference = tmp_path / "reference"
+    finetune(backbone, task, head, LORA, CFG, reference, progress=False)
+    out = tmp_path / "adapters" / "mood-key"
+    with pytest.raises(Interrupt):
+        finetune(backbone, task, head, LORA, CFG, out, progress=False, on_step=crash_at(5))
+    state = load_checkpoint(partial_dir(out))
+    if misfit == "weights":
+        state["lora"] = {name: value[..., :1].clone() for name, value in state["lora"].items()}
+    elif misfit == "optimizer":
+        state["optimizer"] = {"state": {}, "param_groups": []}
+    else:
+        state["step"] = "abc"
+    save_checkpoint(partial_dir(out), state)
+    with caplog.at_level(logging.WARNING, logger="knots"):
+        info = finetune(backbone, task, head, LORA, CFG, out, progress=False)
+    assert info["resumed_from"] == 0 and info["status"] == "trained"
+    notices = [r.getMessage() for r in caplog.records if "does not fit" in r.getMessage()]
+    assert len(notices) == 1 and "finetuning from scratch" in notices[0]
+    assert_same_adapter(out, reference)
